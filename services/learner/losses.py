@@ -184,7 +184,9 @@ def sdpo_loss(
     teacher_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     if top_k is not None and top_k < student_logp.shape[-1]:
         student_logp, teacher_logp = _top_k_with_tail(student_logp, teacher_logp, top_k)
-    return agg_loss(generalized_jsd(teacher_logp, student_logp, alpha), mask, agg, global_tokens=global_tokens)
+    return agg_loss(
+        generalized_jsd(teacher_logp, student_logp, alpha), mask, agg, global_tokens=global_tokens
+    )
 
 
 def ema_update(
@@ -201,4 +203,6 @@ def ema_update(
         extra = sorted(set(teacher) - set(student))[:3]
         raise ValueError(f"teacher and student parameters differ: missing {missing}, unexpected {extra}")
     with torch.no_grad():
-        return {name: decay * teacher[name] + (1.0 - decay) * student[name].to(teacher[name]) for name in teacher}
+        return {
+            name: decay * teacher[name] + (1.0 - decay) * student[name].to(teacher[name]) for name in teacher
+        }

@@ -1,0 +1,101 @@
+"""Run configuration: paper defaults, YAML + --set overrides, one clear error per bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cepo.config import ConfigError, RunConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_papers():
+    cfg = RunConfig()
+    assert (cfg.rollout.group_size, cfg.rollout.prompts_per_step, cfg.rollout.temperature) == (8, 32, 1.0)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.dropout) == (16, 32, 0.0)
+    assert (cfg.learner.clip_low, cfg.learner.clip_high, cfg.learner.warmup_steps) == (0.2, 0.28, 5)
+    assert cfg.learner.lr_schedule == "cosine" and cfg.learner.loss_agg == "token-mean"
+    assert (cfg.algorithm.lambda0, cfg.algorithm.warm_steps, cfg.algorithm.eps_w) == (0.5, 25, 0.5)
+    assert cfg.algorithm.steps == 50 and cfg.model.max_seq_len == 2048
+    assert cfg.algorithm.ema_decay == 0.999 and cfg.algorithm.distill_weight == 1.0
+    assert cfg.learning_rate == 5e-6
+    assert load_config(overrides=["algorithm.method=grpo"]).learning_rate == 1e-6
+    assert "lm_head" not in cfg.model.lora.target_modules
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "tiny.yaml"])
+def test_shipped_configs_load_and_round_trip(name, tmp_path):
+    cfg = load_config(ROOT / "configs" / name)
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["learner.lr=1e-5", "rollout.top_k=40", "data.eval_suites=[a, b]", "logging.redis_url=redis://x:1/0"],
+    )
+    assert cfg.learner.lr == 1e-5 and cfg.rollout.top_k == 40
+    assert cfg.data.eval_suites == ["a", "b"] and cfg.logging.redis_url == "redis://x:1/0"
+
+
+def test_unknown_key_names_key_allowed_keys_and_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["algorithm.lamda0=0.3"])
+    msg = str(exc.value)
+    assert "unknown key 'algorithm.lamda0'" in msg and "lambda0" in msg and "did you mean 'lambda0'" in msg
+
+
+def test_bad_literal_names_allowed_values():
+    with pytest.raises(
+        ConfigError, match=r"algorithm.method: got 'ppo'; allowed values: 'grpo', 'rlsd', 'cepo'"
+    ):
+        load_config(overrides=["algorithm.method=ppo"])
+
+
+def test_every_problem_is_reported_in_one_error():
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=["rollout.group_size=0", "algorithm.eps_w=1.5", "teacher.source=ema"])
+    msg = str(exc.value)
+    assert "rollout.group_size" in msg and "algorithm.eps_w" in msg
+    assert "teacher.source: got 'ema'; allowed values: 'actor', 'reference', 'synced'" in msg
+
+
+def test_lm_head_is_refused_as_lora_target():
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules: lm_head may not be a LoRA target"):
+        load_config(overrides=["model.lora.target_modules=[q_proj, lm_head]"])
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path is required"):
+        load_config(overrides=["data.source=jsonl", "data.path=null"])
+    with pytest.raises(ConfigError, match=r"'model\.dtype' is a value, not a section"):
+        load_config(overrides=["model.dtype=float32", "model.dtype.x=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
+        load_config(overrides=["novalue"])
+
+
+def test_cli_reports_config_errors_with_exit_code_2():
+    cmd = [sys.executable, "-m", "cepo.cli", "config", "validate", "-c", str(ROOT / "configs/tiny.yaml")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([*cmd, "--set", "learner.clip_lo=0.1"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown key 'learner.clip_lo'" in bad.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "cepo.cli", "config", "show", "--set", "algorithm.method=rlsd"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "method: rlsd" in shown.stdout
