@@ -1,0 +1,1 @@
+"""Teacher service: answer-conditioned contexts and the log-probs of the student's tokens under them."""
