@@ -1,0 +1,1 @@
+"""Rollout service: generation engines (vLLM, transformers) and the replica actor."""

