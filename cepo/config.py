@@ -232,6 +232,11 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         if self.data.source in ("jsonl", "parquet", "hf") and not self.data.path:
             raise ValueError(f"data.path is required when data.source is {self.data.source!r}")
+        if self.teacher.backend == "vllm" and self.rollout.temperature != 1.0:
+            raise ValueError(
+                "teacher.backend 'vllm' scores at temperature 1 only (vLLM prompt log-probs are raw); "
+                f"rollout.temperature is {self.rollout.temperature}: set teacher.backend=transformers"
+            )
         if self.data.source == "reasoning_gym" and not self.data.tasks:
             raise ValueError("data.tasks must name at least one task when data.source is 'reasoning_gym'")
         return self

@@ -99,3 +99,12 @@ def test_cli_reports_config_errors_with_exit_code_2():
         check=True,
     )
     assert "method: rlsd" in shown.stdout
+
+
+def test_vllm_teacher_requires_temperature_one():
+    with pytest.raises(ConfigError, match=r"set teacher\.backend=transformers"):
+        load_config(overrides=["rollout.temperature=0.7"])
+    assert (
+        load_config(overrides=["rollout.temperature=0.7", "teacher.backend=transformers"]).rollout.temperature
+        == 0.7
+    )

@@ -97,3 +97,30 @@ def test_corrupt_payload_is_refused(assets):
         AdapterPayload(version=0, files=files, checksum=good.checksum)
     with pytest.raises(ValueError, match=r"lacks adapter_config\.json"):
         AdapterPayload(version=0, files={"adapter_model.safetensors": b""}, checksum="x")
+
+
+@pytest.mark.slow
+def test_vllm_scores_equal_transformers_forward(assets, prompts):
+    """Teacher scoring through vLLM prompt log-probs equals a transformers fp32 forward (within 1e-4)."""
+    model_dir, adapters = assets
+    sequences = [([*p, 5, 9, 11, 7], len(p)) for p in prompts] + [([*prompts[0], 3], len(prompts[0]))]
+    hf = TransformersEngine(str(model_dir), dtype="float32")
+    llm = VLLMEngine(str(model_dir), dtype="float32", max_model_len=256, max_lora_rank=8, seed=0)
+    try:
+        for engine in (hf, llm):
+            engine.load_adapter(payload(0, adapters[0]))
+        want = hf.score(sequences)
+        got = llm.score(sequences)
+        assert [len(g) for g in got] == [4, 4, 1]
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4), (g, w)
+        # vLLM prompt log-probs ignore the temperature: refused, not silently wrong
+        with pytest.raises(ValueError, match=r"teacher\.backend=transformers"):
+            llm.score(sequences, 0.7)
+        assert not torch.allclose(torch.tensor(hf.score(sequences, 0.7)[0]), torch.tensor(want[0]))
+        with pytest.raises(ValueError, match="start 0 must lie"):
+            hf.score([(prompts[0], 0)])
+    finally:
+        llm.close()
+        hf.close()
+        gc.collect()

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from services.teacher.scoring import score_sequences
+from services.rollout.engines import score_token_logprobs
 from services.teacher.sequences import build_teacher_sequence, chat_prompt_ids, teacher_context_ids
 
 CHAT_TEMPLATE = (
@@ -100,7 +100,9 @@ def test_batched_scores_equal_single_forward(tokenizer, model):
         for response in AWKWARD_RESPONSES:
             ids = tokenizer.encode(response, add_special_tokens=False)
             sequences.append(build_teacher_sequence(teacher_context_ids(tokenizer, PROMPT, answer), ids))
-    batched = score_sequences(model, sequences, temperature=0.7, batch_size=8, pad_id=tokenizer.pad_token_id)
+    pairs = [(seq.input_ids, seq.response_start) for seq in sequences]
+    batched = score_token_logprobs(model, pairs, temperature=0.7, batch_size=8, pad_id=tokenizer.pad_token_id)
+    batched = [torch.tensor(b) for b in batched]
     for seq, scores in zip(sequences, batched, strict=True):
         assert scores.shape == (len(seq.response_ids),)
         with torch.no_grad():

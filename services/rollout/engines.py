@@ -21,7 +21,15 @@ from pathlib import Path
 
 from proto.adapter import AdapterPayload, checksum_files
 
-__all__ = ["Completion", "Engine", "SamplingSpec", "TransformersEngine", "VLLMEngine", "make_engine"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "SamplingSpec",
+    "TransformersEngine",
+    "VLLMEngine",
+    "make_engine",
+    "score_token_logprobs",
+]
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,20 @@ class Engine(ABC):
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
         """``spec.n`` completions for each prompt (token ids), in prompt order."""
 
+    @abstractmethod
+    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+        """For each (input_ids, start): log p(ids[t] | ids[:t]) at temperature for t = start … len − 1."""
+
     def close(self) -> None:
         shutil.rmtree(self._adapter_root, ignore_errors=True)
+
+
+def _check_score_inputs(sequences: list[tuple[list[int], int]], temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for i, (ids, start) in enumerate(sequences):
+        if not 1 <= start < len(ids):
+            raise ValueError(f"sequence {i}: start {start} must lie in [1, {len(ids) - 1}]")
 
 
 class VLLMEngine(Engine):
@@ -151,6 +171,32 @@ class VLLMEngine(Engine):
                 group.append(Completion(ids, logprobs, sample.text, sample.finish_reason or "length"))
             results.append(group)
         return results
+
+    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        _check_score_inputs(sequences, temperature)
+        if temperature != 1.0:
+            # vLLM's prompt log-probs are those of the raw distribution whatever the sampling temperature
+            # (logprobs_mode applies to sampled tokens only), and one token's raw log-prob cannot be rescaled
+            # without the whole vocabulary's. Refuse rather than return the wrong distribution.
+            raise ValueError(
+                f"vLLM scoring gives temperature-1 log-probs only, got temperature {temperature}; "
+                "use teacher.backend=transformers for rollout.temperature != 1"
+            )
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(ids)} for ids, _ in sequences],
+            params,
+            lora_request=self._lora,
+            use_tqdm=False,
+        )
+        scores = []
+        for (ids, start), output in zip(sequences, outputs, strict=True):
+            # prompt_logprobs[t] maps token id → Logprob for prompt position t (position 0 is None)
+            entries = output.prompt_logprobs
+            scores.append([float(entries[t][ids[t]].logprob) for t in range(start, len(ids))])
+        return scores
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -240,6 +286,45 @@ class TransformersEngine(Engine):
                 )
             )
         return results
+
+    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+        pad = self.tokenizer.pad_token_id or 0
+        return score_token_logprobs(self.model, sequences, temperature=temperature, pad_id=pad)
+
+
+def score_token_logprobs(
+    model,
+    sequences: list[tuple[list[int], int]],
+    *,
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Batched, no-grad scoring with a transformers causal LM: for each (input_ids, start), the log-probs
+    log p(ids[t] | ids[:t]) at ``temperature`` for t = start … len − 1. Only these leave the function, never
+    full-vocabulary logits."""
+    import torch
+
+    _check_score_inputs(sequences, temperature)
+    device = next(model.parameters()).device
+    scores: list[list[float]] = []
+    with torch.no_grad():
+        for chunk_start in range(0, len(sequences), batch_size):
+            chunk = sequences[chunk_start : chunk_start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention = torch.zeros_like(ids)
+            for row, (seq, _) in enumerate(chunk):  # right padding keeps positions 0 … len − 1
+                ids[row, : len(seq)] = torch.tensor(seq)
+                attention[row, : len(seq)] = 1
+            logits = (
+                model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+            )
+            logp = torch.log_softmax(logits / temperature, -1)
+            token_logp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for row, (seq, start) in enumerate(chunk):
+                scores.append(token_logp[row, start - 1 : len(seq) - 1].tolist())  # logits at t − 1 predict t
+    return scores
 
 
 def make_engine(backend: str, model_path: str, **kwargs) -> Engine:

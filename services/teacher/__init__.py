@@ -1,1 +1,1 @@
-"""Teacher service: answer-conditioned contexts and the log-probs of the student's tokens under them."""
+"""Teacher service: answer-conditioned contexts; their log-probs come from the engines' ``score``."""
