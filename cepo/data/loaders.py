@@ -1,0 +1,653 @@
+"""Problem loaders: JSONL, Parquet and Hugging Face ``datasets`` folders → :class:`proto.Problem` records.
+
+Every loader reads rows, maps source columns onto record fields (``columns``: source column → field), and
+checks each row. A bad row — not JSON, not an object, a missing or empty field, a wrong type, a
+placeholder/image mismatch, a duplicate id — either stops the load with a :class:`DataError` naming the file,
+the 1-based row (line) number and the field, or, with ``on_bad_row="skip"``, is left out and reported in
+:attr:`LoadResult.skipped` (and logged as a warning). A missing path, an unknown format, an unreadable file or
+an empty result always raises.
+
+Record fields: ``id`` (the source's id column, else ``<file stem>:<row>``), ``problem`` (text with ``<image>``
+placeholders), ``answer`` (numbers become strings), ``images`` (each a file path that exists, an http(s) URL
+or a ``data:image/…;base64,…`` URI; Hugging Face ``Image`` values and raw bytes are converted) and
+``metadata`` (where the row came from, plus the source's own ``metadata`` column under ``extra``).
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import gzip
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from proto.messages import Problem
+
+if TYPE_CHECKING:
+    from cepo.config import DataConfig
+
+__all__ = [
+    "FIELDS",
+    "FILE_SOURCES",
+    "IMAGE_PLACEHOLDER",
+    "DataError",
+    "LoadResult",
+    "SkippedRow",
+    "from_config",
+    "load_hf",
+    "load_jsonl",
+    "load_parquet",
+    "load_problems",
+]
+
+log = logging.getLogger(__name__)
+
+FIELDS: tuple[str, ...] = ("id", "problem", "answer", "images", "metadata")
+FILE_SOURCES: tuple[str, ...] = ("jsonl", "parquet", "hf")
+IMAGE_PLACEHOLDER = "<image>"
+OnBadRow = Literal["error", "skip"]
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+
+
+class DataError(ValueError):
+    """A data problem: a bad row, a missing file, an unknown format, an empty dataset."""
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """One bad row left out under ``on_bad_row="skip"``."""
+
+    file: str
+    row: int  # 1-based row (line number for JSONL)
+    field: str | None  # None when the row as a whole is bad (not JSON, not an object)
+    reason: str
+    unit: str = "row"  # "line" for JSONL
+
+    def describe(self) -> str:
+        where = f"{self.file}: {self.unit} {self.row}"
+        if self.field is not None:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class LoadResult:
+    """The loaded problems and the bad rows that were skipped (empty unless ``on_bad_row="skip"``)."""
+
+    problems: list[Problem]
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{len(self.problems)} problems"
+        if self.skipped:
+            text += f", {len(self.skipped)} bad rows skipped (first: {self.skipped[0].describe()})"
+        return text
+
+
+class _BadRow(Exception):
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Column mapping
+
+
+def _field_columns(columns: Mapping[str, str] | None) -> dict[str, str | None]:
+    """For each record field, the source column it is read from (None: no column can supply it)."""
+    columns = dict(columns or {})
+    seen: dict[str, str] = {}
+    for source, target in columns.items():
+        if not isinstance(source, str) or not source:
+            raise DataError(f"column mapping: source column names must be non-empty strings, got {source!r}")
+        if target not in FIELDS:
+            raise DataError(
+                f"column mapping {source!r} → {target!r}: unknown record field; fields are {', '.join(FIELDS)}"
+            )
+        if target in seen:
+            raise DataError(f"column mapping: both {seen[target]!r} and {source!r} map onto field {target!r}")
+        seen[target] = source
+    # A field is read from the column mapped onto it, else from its own name, unless that name is itself
+    # mapped onto another field.
+    return {f: seen.get(f, f if f not in columns else None) for f in FIELDS}
+
+
+def _column_note(name: str, column: str | None) -> str:
+    return "" if column == name or column is None else f" (source column {column!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+
+
+def _image_mime(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:2] == b"BM":
+        return "image/bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff"
+    return None
+
+
+def _data_uri(data: bytes, index: int) -> str:
+    if not data:
+        raise _BadRow("images", f"image {index} is empty")
+    mime = _image_mime(data)
+    if mime is None:
+        raise _BadRow("images", f"image {index} is not a recognised image (PNG, JPEG, GIF, WebP, BMP, TIFF)")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _existing_path(raw: str, base_dir: Path | None, *, relative: bool = True) -> str | None:
+    """``raw`` as an absolute path to an existing file; a relative path is taken relative to ``base_dir`` (the
+    data file's folder; the working directory when None), or not at all when ``relative`` is False."""
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        if not relative:
+            return None
+        path = (base_dir or Path.cwd()) / path
+    return str(path.resolve()) if path.is_file() else None
+
+
+def _image_to_str(value: Any, index: int, base_dir: Path | None) -> str:
+    """One image → a path that exists, an http(s) URL or a data URI."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadRow("images", f"image {index} is an empty string")
+        if value.startswith("data:"):
+            if not value.startswith("data:image/") or ";base64," not in value:
+                raise _BadRow("images", f"image {index} is a data URI but not data:image/…;base64,…")
+            return value
+        if value.startswith(("http://", "https://")):
+            return value
+        found = _existing_path(value, base_dir)
+        if found is None:
+            raise _BadRow("images", f"image {index}: file {value!r} does not exist")
+        return found
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _data_uri(bytes(value), index)
+    if isinstance(value, Mapping):  # a Hugging Face Image value: {"bytes": …, "path": …}
+        path, data = value.get("path"), value.get("bytes")
+        has_bytes = isinstance(data, bytes | bytearray | memoryview) and len(data) > 0
+        if isinstance(path, str) and path:
+            # With bytes at hand a relative path (save_to_disk keeps only the file's base name) is no evidence
+            # of where the file is: only an absolute path that exists wins over the bytes.
+            found = _existing_path(path, base_dir, relative=not has_bytes)
+            if found is not None:
+                return found
+        if has_bytes:
+            return _data_uri(bytes(data), index)
+        raise _BadRow("images", f"image {index} has no bytes and no existing path (path={path!r})")
+    if hasattr(value, "save") and hasattr(value, "mode") and hasattr(value, "size"):  # a PIL image
+        filename = getattr(value, "filename", None)
+        if isinstance(filename, str) and filename:
+            found = _existing_path(filename, None)
+            if found is not None:
+                return found
+        buffer = io.BytesIO()
+        try:
+            value.save(buffer, format="PNG")
+        except Exception as exc:  # any encoder failure makes the row bad
+            raise _BadRow("images", f"image {index} could not be encoded as PNG: {exc}") from None
+        return _data_uri(buffer.getvalue(), index)
+    raise _BadRow("images", f"image {index} has unsupported type {type(value).__name__}")
+
+
+def _text(name: str, value: Any, column: str | None, *, numbers: bool = False) -> str:
+    note = _column_note(name, column)
+    if value is None:
+        raise _BadRow(name, f"missing (null){note}")
+    if isinstance(value, bool):
+        raise _BadRow(name, f"expected a string, got a boolean{note}")
+    if numbers and isinstance(value, int):
+        return str(value)
+    if numbers and isinstance(value, float):
+        if not math.isfinite(value):
+            raise _BadRow(name, f"expected a finite number, got {value!r}{note}")
+        return str(int(value)) if value.is_integer() else repr(value)
+    if numbers and isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise _BadRow(name, f"expected a finite number, got {value}{note}")
+        return format(value.normalize(), "f")
+    if not isinstance(value, str):
+        kinds = "a string or a number" if numbers else "a string"
+        raise _BadRow(name, f"expected {kinds}, got {type(value).__name__}{note}")
+    if not value.strip():
+        raise _BadRow(name, f"is empty{note}")
+    return value
+
+
+class _Rows:
+    """Turns raw rows into problems, checking each and collecting (or raising on) bad ones."""
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        id_stem: str,
+        unit: str,
+        source: str,
+        split: str | None,
+        columns: Mapping[str, str] | None,
+        on_bad_row: OnBadRow,
+        base_dir: Path | None,
+    ) -> None:
+        if on_bad_row not in ("error", "skip"):
+            raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        self.label, self.id_stem, self.unit, self.source, self.split = label, id_stem, unit, source, split
+        self.fields = _field_columns(columns)
+        self.on_bad_row = on_bad_row
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+        self.skipped: list[SkippedRow] = []
+        self.rows = 0
+        self._ids: dict[str, int] = {}
+
+    def bad(self, row: int, field: str | None, reason: str) -> None:
+        skipped = SkippedRow(self.label, row, field, reason, self.unit)
+        if self.on_bad_row == "error":
+            raise DataError(skipped.describe())
+        self.skipped.append(skipped)
+
+    def add(self, row: int, record: Any) -> None:
+        self.rows += 1
+        try:
+            problem = self._convert(row, record)
+        except _BadRow as exc:
+            self.bad(row, exc.field, exc.reason)
+            return
+        first = self._ids.get(problem.id)
+        if first is not None:
+            self.bad(row, "id", f"duplicate id {problem.id!r} (first seen at {self.unit} {first})")
+            return
+        self._ids[problem.id] = row
+        self.problems.append(problem)
+
+    def _get(self, record: Mapping[str, Any], name: str) -> tuple[bool, Any, str | None]:
+        column = self.fields[name]
+        if column is None or column not in record:
+            return False, None, column
+        return True, record[column], column
+
+    def _convert(self, row: int, record: Any) -> Problem:
+        if not isinstance(record, Mapping):
+            raise _BadRow(None, f"expected an object, got {type(record).__name__}")
+
+        present, value, column = self._get(record, "id")
+        if not present:
+            problem_id = f"{self.id_stem}:{row}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            problem_id = str(value)
+        else:
+            problem_id = _text("id", value, column)
+
+        present, value, column = self._get(record, "problem")
+        if not present:
+            raise _BadRow("problem", f"missing{_column_note('problem', column)}")
+        text = _text("problem", value, column)
+
+        present, value, column = self._get(record, "answer")
+        if not present:
+            raise _BadRow("answer", f"missing{_column_note('answer', column)}")
+        answer = _text("answer", value, column, numbers=True)
+
+        present, value, column = self._get(record, "images")
+        images: list[str] = []
+        if present and value is not None:
+            items = list(value) if isinstance(value, list | tuple) else [value]
+            images = [_image_to_str(item, i, self.base_dir) for i, item in enumerate(items)]
+        placeholders = text.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(images):
+            raise _BadRow(
+                "images",
+                f"the problem has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has {len(images)} image(s)",
+            )
+
+        metadata: dict[str, Any] = {"source": self.source, "file": self.label, "row": row}
+        if self.split is not None:
+            metadata["split"] = self.split
+        present, value, column = self._get(record, "metadata")
+        if present and value is not None:
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise _BadRow("metadata", f"a string that is not JSON ({exc.msg})") from None
+            if not isinstance(value, Mapping):
+                raise _BadRow("metadata", f"expected an object, got {type(value).__name__}")
+            try:
+                metadata["extra"] = json.loads(json.dumps(dict(value)))
+            except (TypeError, ValueError) as exc:
+                raise _BadRow("metadata", f"not JSON-serialisable ({exc})") from None
+
+        return Problem(id=problem_id, problem=text, answer=answer, images=images, metadata=metadata)
+
+    def result(self) -> LoadResult:
+        if self.rows == 0:
+            raise DataError(f"{self.label} holds no rows")
+        if not self.problems:
+            raise DataError(
+                f"{self.label}: all {self.rows} rows were bad and skipped (first: {self.skipped[0].describe()})"
+            )
+        if self.skipped:
+            log.warning(
+                "%s: skipped %d bad row(s) of %d; first: %s",
+                self.label,
+                len(self.skipped),
+                self.rows,
+                self.skipped[0].describe(),
+            )
+        return LoadResult(self.problems, self.skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a {what} file (use source 'hf' for a folder of data files)")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json", ".parquet"):
+        name = name.removesuffix(suffix)
+    return name or path.name
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | _BadRow]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue  # blank lines (a trailing newline) are not rows
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, _BadRow(None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, _BadRow(None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
+def _feed(rows: _Rows, items: Iterable[tuple[int, Any]]) -> LoadResult:
+    for number, item in items:
+        if isinstance(item, _BadRow):
+            rows.rows += 1
+            rows.bad(number, item.field, item.reason)
+        else:
+            rows.add(number, item)
+    return rows.result()
+
+
+def load_jsonl(
+    path: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: OnBadRow = "error",
+    split: str | None = None,
+) -> LoadResult:
+    """Problems from a JSON Lines file (one object per line; ``.gz`` is decompressed)."""
+    path = Path(path)
+    _require_file(path, "JSONL")
+    rows = _Rows(
+        label=str(path),
+        id_stem=_stem(path),
+        unit="line",
+        source="jsonl",
+        split=split,
+        columns=columns,
+        on_bad_row=on_bad_row,
+        base_dir=path.parent,
+    )
+    try:
+        return _feed(rows, _jsonl_rows(path))
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read JSONL file {path}: {exc}") from None
+
+
+def load_parquet(
+    path: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: OnBadRow = "error",
+    split: str | None = None,
+) -> LoadResult:
+    """Problems from a Parquet file (read with pyarrow, in batches)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    _require_file(path, "Parquet")
+    rows = _Rows(
+        label=str(path),
+        id_stem=_stem(path),
+        unit="row",
+        source="parquet",
+        split=split,
+        columns=columns,
+        on_bad_row=on_bad_row,
+        base_dir=path.parent,
+    )
+
+    def items() -> Iterator[tuple[int, Any]]:
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+
+    try:
+        return _feed(rows, items())
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cannot read Parquet file {path}: {exc}") from None
+
+
+def _hf_rows(dataset: Any) -> Iterator[tuple[int, Any]]:
+    """Rows of a ``datasets.Dataset`` in arrow storage form (images stay {"bytes", "path"}, not decoded)."""
+    number = 0
+    for table in dataset.with_format("arrow").iter(batch_size=1024):
+        for record in table.to_pylist():
+            number += 1
+            yield number, record
+
+
+def _hf_dataset(path: str, split: str, cache_dir: str | Path | None) -> tuple[Any, Path | None]:
+    """The ``split`` of the Hugging Face dataset at ``path`` and the folder that relative paths refer to."""
+    import datasets
+
+    folder = Path(path).expanduser()
+    cache = str(cache_dir) if cache_dir is not None else None
+    if not folder.exists():
+        if not _HUB_NAME.match(path):
+            raise DataError(f"Hugging Face dataset folder {path} does not exist")
+        try:
+            return datasets.load_dataset(path, split=split, cache_dir=cache), None
+        except Exception as exc:  # offline, private, misspelt: all end here
+            raise DataError(
+                f"{path} is not a local file or folder, and loading it from the Hugging Face Hub failed: "
+                f"{type(exc).__name__}: {exc} (offline: `hf download --repo-type dataset {path} --local-dir DIR` "
+                "elsewhere and point data.path at DIR)"
+            ) from None
+    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except Exception as exc:
+            raise DataError(f"cannot load the saved dataset at {folder}: {exc}") from None
+        if split not in loaded:
+            raise DataError(f"saved dataset {folder} has no split {split!r}; available: {', '.join(loaded)}")
+        return loaded[split], folder
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():  # Dataset.save_to_disk
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except Exception as exc:
+            raise DataError(f"cannot load the saved dataset at {folder}: {exc}") from None
+        recorded = loaded.split
+        if recorded is not None and str(recorded) != split:
+            raise DataError(
+                f"saved dataset {folder} holds split {str(recorded)!r}, not the requested {split!r}"
+            )
+        return loaded, folder
+    try:  # a hub-style folder of data files (data/train-00000-of-00001.parquet, …)
+        return datasets.load_dataset(str(folder), split=split, cache_dir=cache), folder
+    except ValueError as exc:
+        if "Unknown split" in str(exc):
+            raise DataError(f"dataset folder {folder}: {exc}") from None
+        raise DataError(f"cannot load a Hugging Face dataset from {folder}: {exc}") from None
+    except Exception as exc:
+        raise DataError(
+            f"cannot load a Hugging Face dataset from {folder}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def load_hf(
+    path: str | Path,
+    *,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: OnBadRow = "error",
+    cache_dir: str | Path | None = None,
+) -> LoadResult:
+    """Problems from a Hugging Face dataset: a ``save_to_disk`` folder (``Dataset`` or ``DatasetDict``), a
+    hub-style folder of parquet/jsonl files, a single parquet/jsonl file, or a Hub name (needs the network)."""
+    text = str(path)
+    file = Path(text).expanduser()
+    if file.is_file():
+        name = file.name.lower()
+        if name.endswith(".parquet"):
+            return load_parquet(file, columns=columns, on_bad_row=on_bad_row, split=split)
+        if name.endswith(_JSONL_SUFFIXES):
+            return load_jsonl(file, columns=columns, on_bad_row=on_bad_row, split=split)
+        raise DataError(
+            f"{file}: unknown data file format (expected .parquet or .jsonl, or a dataset folder)"
+        )
+    dataset, base_dir = _hf_dataset(text, split, cache_dir)
+    name = (file.resolve().name if base_dir is not None else text.replace("/", "_")) or "data"
+    rows = _Rows(
+        label=f"{text}[{split}]",
+        id_stem=f"{name}:{split}",
+        unit="row",
+        source="hf",
+        split=split,
+        columns=columns,
+        on_bad_row=on_bad_row,
+        base_dir=base_dir,
+    )
+    return _feed(rows, _hf_rows(dataset))
+
+
+def load_problems(
+    source: str,
+    path: str | Path,
+    *,
+    split: str = "train",
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: OnBadRow = "error",
+    cache_dir: str | Path | None = None,
+) -> LoadResult:
+    """Problems from ``path`` in format ``source`` ('jsonl', 'parquet' or 'hf')."""
+    if path is None or not str(path):
+        raise DataError(f"source {source!r} needs a path")
+    if source == "jsonl":
+        return load_jsonl(path, columns=columns, on_bad_row=on_bad_row, split=split)
+    if source == "parquet":
+        return load_parquet(path, columns=columns, on_bad_row=on_bad_row, split=split)
+    if source == "hf":
+        return load_hf(path, split=split, columns=columns, on_bad_row=on_bad_row, cache_dir=cache_dir)
+    raise DataError(
+        f"unknown data source {source!r} for {path}; file sources: {', '.join(FILE_SOURCES)} "
+        "(generated sources 'arithmetic' and 'reasoning_gym' go through from_config)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From the run configuration
+
+
+def _check_generated(problems: Any, label: str) -> list[Problem]:
+    if not isinstance(problems, list) or not all(isinstance(p, Problem) for p in problems):
+        raise DataError(f"{label} did not return a list of Problem records")
+    if not problems:
+        raise DataError(f"{label} generated no problems")
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.id in seen:
+            raise DataError(f"{label} generated the id {problem.id!r} twice")
+        seen.add(problem.id)
+    return problems
+
+
+def _split_seed(seed: int, split: str) -> int:
+    """The generation seed of ``split``: ``seed`` itself for 'train', a stable derived seed otherwise."""
+    if split == "train":
+        return seed
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{split}".encode()).digest()[:4], "big")
+
+
+def from_config(
+    config: DataConfig, *, split: str | None = None, cache_dir: str | Path | None = None
+) -> LoadResult:
+    """Load (or generate) the problems a :class:`cepo.config.DataConfig` describes.
+
+    ``split`` overrides ``config.split`` (e.g. for evaluation). ``arithmetic`` calls
+    ``cepo.tasks.arithmetic.generate(split, size, seed)``; ``reasoning_gym`` splits ``size`` over
+    ``config.tasks`` and generates with ``config.seed`` for 'train' (a seed derived from it for other splits).
+    """
+    import importlib
+
+    split = config.split if split is None else split
+    source = config.source
+    if source in FILE_SOURCES:
+        if not config.path:
+            raise DataError(f"data.path is required when data.source is {source!r}")
+        return load_problems(
+            source,
+            config.path,
+            split=split,
+            columns=config.columns,
+            on_bad_row=config.on_bad_row,
+            cache_dir=cache_dir,
+        )
+    if source == "arithmetic":
+        try:
+            arithmetic = importlib.import_module("cepo.tasks.arithmetic")
+        except ImportError as exc:
+            raise DataError(f"the arithmetic task generator is not available: {exc}") from None
+        return LoadResult(
+            _check_generated(arithmetic.generate(split, config.size, config.seed), "arithmetic")
+        )
+    if source == "reasoning_gym":
+        from cepo.tasks import reasoning_gym
+
+        problems = reasoning_gym.generate_mixture(
+            list(config.tasks), config.size, _split_seed(config.seed, split)
+        )
+        problems = [p.model_copy(update={"metadata": {**p.metadata, "split": split}}) for p in problems]
+        return LoadResult(_check_generated(problems, "reasoning_gym"))
+    raise DataError(
+        f"unknown data source {source!r}; sources: arithmetic, {', '.join(FILE_SOURCES)}, reasoning_gym"
+    )
