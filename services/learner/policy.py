@@ -1,0 +1,218 @@
+"""The trainable policy: a transformers causal LM with a peft LoRA adapter, updated by the PPO-clip surrogate.
+
+One rank's worth of work; the distributed learner wraps this (FSDP across ranks). The math comes from
+``losses.py`` and the advantages from ``advantages.py``; this module only feeds tensors to them.
+
+A batch is a list of (prompt ids, response ids) with a [B, T] advantage per response token. Log-probs are
+those of the sampling distribution: logits divided by the rollout temperature.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from proto.adapter import AdapterPayload
+from services.learner.losses import ppo_clip_loss
+from services.learner.schedules import lr_at
+
+__all__ = ["LoraPolicy", "PolicyBatch", "UpdateStats"]
+
+
+@dataclass
+class PolicyBatch:
+    """Right-padded prompt + response ids with the response mask; built by :meth:`PolicyBatch.build`."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    response_mask: torch.Tensor  # [B, T] 1 at response tokens
+    response_index: torch.Tensor  # [B, T] position in input_ids of each response token (0 at padding)
+
+    @classmethod
+    def build(cls, samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> PolicyBatch:
+        if not samples:
+            raise ValueError("a policy batch needs at least one sample")
+        for i, (prompt, response) in enumerate(samples):
+            if not prompt or not response:
+                raise ValueError(f"sample {i}: prompt and response must both be non-empty")
+        width = max(len(p) + len(r) for p, r in samples)
+        t_max = max(len(r) for _, r in samples)
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        mask = torch.zeros((len(samples), t_max), dtype=torch.float32)
+        index = torch.zeros((len(samples), t_max), dtype=torch.long)
+        for row, (prompt, response) in enumerate(samples):
+            seq = [*prompt, *response]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+            mask[row, : len(response)] = 1
+            index[row, : len(response)] = torch.arange(len(prompt), len(seq))
+        return cls(ids, attention, mask, index)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> PolicyBatch:
+        return PolicyBatch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.response_mask[start:stop],
+            self.response_index[start:stop],
+        )
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    loss: float
+    clip_frac: float
+    approx_kl: float
+    grad_norm: float
+    lr: float
+
+
+class LoraPolicy:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        rank: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] = (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ),
+        dtype: str = "float32",
+        lr: float = 5e-6,
+        total_steps: int = 50,
+        warmup_steps: int = 5,
+        lr_schedule: str = "cosine",
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        if "lm_head" in target_modules:
+            raise ValueError("lm_head may not be a LoRA target (vLLM ignores LoRA on lm_head when scoring)")
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
+        )
+        self.model = get_peft_model(base, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.base_lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
+        self.lr_schedule, self.grad_clip, self.temperature = lr_schedule, grad_clip, temperature
+        self.step = 0
+
+    # ------------------------------------------------------------------ log-probs
+    def token_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        """[B, T] log π(y_t | x, y_<t) at the sampling temperature (differentiable; 0 at padding)."""
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # logits at position p − 1 predict the token at p
+        prev = (batch.response_index - 1).clamp_min(0)
+        picked = logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
+        logp = F.log_softmax(picked / self.temperature, dim=-1)
+        targets = batch.input_ids.gather(1, batch.response_index)
+        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return token_logp * batch.response_mask
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: PolicyBatch, micro_batch_size: int = 8) -> torch.Tensor:
+        """Old-policy log-probs recomputed by the learner itself (not the engine's), before the update."""
+        self.model.eval()
+        parts = [
+            self.token_logprobs(batch.rows(i, i + micro_batch_size))
+            for i in range(0, len(batch), micro_batch_size)
+        ]
+        width = batch.response_mask.shape[1]
+        return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self,
+        batch: PolicyBatch,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor,
+        *,
+        micro_batch_size: int = 8,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        loss_agg: str = "token-mean",
+        global_tokens: float | None = None,
+        global_seqs: float | None = None,
+    ) -> UpdateStats:
+        """One optimizer step over ``batch`` (gradient accumulated over micro-batches).
+
+        ``global_tokens`` / ``global_seqs`` are the counts over the whole global batch (all ranks); by default
+        this rank's batch is the global batch. Token-mean is then exact whatever the micro-batch split.
+        """
+        if advantages.shape != batch.response_mask.shape:
+            raise ValueError(
+                f"advantages must have shape {tuple(batch.response_mask.shape)}, got {tuple(advantages.shape)}"
+            )
+        self.model.train()
+        lr = lr_at(self.step, self.base_lr, self.total_steps, self.warmup_steps, self.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tokens = float(batch.response_mask.sum()) if global_tokens is None else global_tokens
+        seqs = float(len(batch)) if global_seqs is None else global_seqs
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = clip_sum = kl_sum = 0.0
+        for start in range(0, len(batch), micro_batch_size):
+            micro = batch.rows(start, start + micro_batch_size)
+            stop = start + len(micro)
+            width = int(micro.response_mask.sum(1).max())
+            micro = PolicyBatch(
+                micro.input_ids,
+                micro.attention_mask,
+                micro.response_mask[:, :width],
+                micro.response_index[:, :width],
+            )
+            out = ppo_clip_loss(
+                self.token_logprobs(micro),
+                old_logp[start:stop, :width],
+                advantages[start:stop, :width],
+                micro.response_mask,
+                clip_low,
+                clip_high,
+                loss_agg,
+                global_tokens=tokens,
+                global_seqs=seqs,
+            )
+            out.loss.backward()
+            n = float(micro.response_mask.sum())
+            loss_sum += float(out.loss)
+            clip_sum += float(out.clip_frac) * n
+            kl_sum += float(out.approx_kl) * n
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        self.optimizer.step()
+        self.step += 1
+        n_tokens = float(batch.response_mask.sum())
+        return UpdateStats(loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, grad_norm, lr)
+
+    # ------------------------------------------------------------------ export
+    def export_adapter(self, version: int) -> AdapterPayload:
+        """The current adapter as a payload (PEFT's own file format, so PeftModel and vLLM load it)."""
+        with tempfile.TemporaryDirectory(prefix="cepo-export-") as tmp:
+            self.model.save_pretrained(tmp)
+            return AdapterPayload.from_dir(version, tmp)
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
