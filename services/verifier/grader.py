@@ -1,0 +1,455 @@
+"""The grader: cheap checks in the caller's process, math-verify in a persistent, killable worker process."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import math
+import os
+import selectors
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proto import Verdict
+from services.verifier import extract
+
+WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
+
+# Verdict reasons (documented in the package docstring).
+CORRECT = "correct"
+WRONG_ANSWER = "wrong_answer"
+NO_BOXED = extract.NO_BOXED
+UNCLOSED_BOXED = extract.UNCLOSED_BOXED
+EMPTY_BOXED = extract.EMPTY_BOXED
+ANSWER_TOO_LONG = "answer_too_long"
+UNPARSEABLE = "unparseable"
+TIMEOUT = "timeout"
+BAD_REFERENCE = "bad_reference"
+REASONS = (
+    CORRECT,
+    WRONG_ANSWER,
+    NO_BOXED,
+    UNCLOSED_BOXED,
+    EMPTY_BOXED,
+    ANSWER_TOO_LONG,
+    UNPARSEABLE,
+    TIMEOUT,
+    BAD_REFERENCE,
+)
+
+DEFAULT_FORMAT_WEIGHT = 0.0
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_MAX_CHARS = 100_000
+DEFAULT_MAX_ANSWER_CHARS = 1_000
+
+_WORKER_RESULTS = {CORRECT, WRONG_ANSWER, UNPARSEABLE, BAD_REFERENCE}
+
+
+class WorkerStartError(RuntimeError):
+    """The math-verify worker process could not be started (an environment problem, not an input one)."""
+
+
+# ---- option validation ---------------------------------------------------------------------------------
+
+
+def _check_format_weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"format_weight must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+# ---- the worker process --------------------------------------------------------------------------------
+
+
+class _Worker:
+    """One ``_worker.py`` process and a line reader over its stdout. Not thread-safe (the Grader locks)."""
+
+    def __init__(self, memory_limit_mb: int) -> None:
+        env = dict(os.environ)
+        env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", str(WORKER_SCRIPT), str(memory_limit_mb)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise WorkerStartError(f"cannot start the verifier worker: {exc}") from exc
+        self.owner_pid = os.getpid()
+        self.ready = False
+        self._buffer = bytearray()
+        self._selector = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, message: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(message) + "\n").encode("ascii"))
+        self.proc.stdin.flush()
+
+    def receive(self, deadline: float) -> dict | str:
+        """The next message, or "timeout" when ``deadline`` (time.monotonic) passes, or "eof"."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue  # never happens with our worker; skip rather than fail
+                if isinstance(message, dict):
+                    return message
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "timeout"
+            if not self._selector.select(remaining):
+                continue  # re-checks the deadline
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return "eof"
+            self._buffer += chunk
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if self.ready:
+            return
+        message = self.receive(time.monotonic() + timeout_s)
+        if not isinstance(message, dict) or not message.get("ready"):
+            self.kill()
+            what = "timed out" if message == "timeout" else "exited"
+            raise WorkerStartError(f"the verifier worker {what} before it was ready ({timeout_s:.0f} s)")
+        self.ready = True
+
+    def kill(self) -> None:
+        """Stop the process now and reap it (no zombie)."""
+        if os.getpid() != self.owner_pid:  # a forked copy of the parent: the process is not ours
+            return
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self._reap()
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        """Close its input (it exits at EOF); kill it if it is still running after ``grace_s``."""
+        if os.getpid() != self.owner_pid:
+            return
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self._selector.close()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+
+_LIVE_GRADERS: weakref.WeakSet[Grader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for grader in list(_LIVE_GRADERS):
+        grader.close()
+
+
+class Grader:
+    """Grades responses against reference answers; owns one math-verify worker process, reused across calls.
+
+    Thread-safe (calls are serialised on one worker); usable from any thread, a Ray actor or a Serve
+    replica, since the time bound is a pipe read with a deadline plus ``kill``, never a signal. The options
+    given here are defaults that every ``grade``/``grade_batch`` call may override. Close it (``close()``,
+    a ``with`` block, or at interpreter exit) to stop the worker.
+
+    Args:
+        format_weight: w in reward = (1 − w)·accuracy + w·format; 0 (the paper) gives accuracy only.
+        timeout_s: wall-clock bound on one answer's math-verify work; on expiry the worker is killed and
+            restarted and the verdict is ``timeout``.
+        max_chars: only the last ``max_chars`` characters of a response are looked at.
+        max_answer_chars: a longer extracted answer is ``answer_too_long`` (and a longer reference answer
+            ``bad_reference``) without being parsed.
+        startup_timeout_s: how long to wait for a (re)started worker to import math-verify; not part of
+            ``timeout_s``.
+        memory_limit_mb: address-space limit of the worker process (0: none).
+        prescreen: refuse astronomically large powers/factorials and deep nesting before parsing (on by
+            default; tests switch it off to exercise the timeout backstop).
+    """
+
+    def __init__(
+        self,
+        *,
+        format_weight: float = DEFAULT_FORMAT_WEIGHT,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+        startup_timeout_s: float = 60.0,
+        memory_limit_mb: int = 2048,
+        prescreen: bool = True,
+    ) -> None:
+        self.format_weight = _check_format_weight(format_weight)
+        self.timeout_s = _check_positive("timeout_s", timeout_s)
+        self.max_chars = _check_count("max_chars", max_chars)
+        self.max_answer_chars = _check_count("max_answer_chars", max_answer_chars)
+        self.startup_timeout_s = _check_positive("startup_timeout_s", startup_timeout_s)
+        if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, int) or memory_limit_mb < 0:
+            raise ValueError(f"memory_limit_mb must be an integer >= 0, got {memory_limit_mb!r}")
+        self.memory_limit_mb = memory_limit_mb
+        self.prescreen = bool(prescreen)
+        self._lock = threading.RLock()
+        self._worker: _Worker | None = None
+        self._next_id = 0
+        self.restarts = 0  # workers killed after a timeout or a crash
+        _LIVE_GRADERS.add(self)
+
+    # ---- public API -----------------------------------------------------------------------------------
+
+    def grade(
+        self,
+        response: str,
+        answer: str,
+        *,
+        format_weight: float | None = None,
+        timeout_s: float | None = None,
+        max_chars: int | None = None,
+    ) -> Verdict:
+        """Grade one response against the reference ``answer``. Never raises on any input string."""
+        return self.grade_batch(
+            [response], [answer], format_weight=format_weight, timeout_s=timeout_s, max_chars=max_chars
+        )[0]
+
+    def grade_batch(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str],
+        *,
+        format_weight: float | None = None,
+        timeout_s: float | None = None,
+        max_chars: int | None = None,
+    ) -> list[Verdict]:
+        """Grade ``responses[i]`` against ``answers[i]`` on one worker; each answer gets its own time bound."""
+        w = self.format_weight if format_weight is None else _check_format_weight(format_weight)
+        limit = self.timeout_s if timeout_s is None else _check_positive("timeout_s", timeout_s)
+        cap = self.max_chars if max_chars is None else _check_count("max_chars", max_chars)
+        responses, answers = list(responses), list(answers)
+        if len(responses) != len(answers):
+            raise ValueError(f"responses and answers differ in length: {len(responses)} != {len(answers)}")
+        return [self._grade_one(r, a, w, limit, cap) for r, a in zip(responses, answers, strict=True)]
+
+    def warm_up(self) -> None:
+        """Start the worker now (and wait until it is ready) instead of on the first call that needs it."""
+        with self._lock:
+            self._ready_worker()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker's process id, None while none is running."""
+        worker = self._worker
+        return None if worker is None else worker.pid
+
+    def close(self) -> None:
+        """Stop the worker process. The grader may still be used: a new worker starts on demand."""
+        with self._lock:
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.stop()
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            worker = self._worker
+            if worker is not None:
+                worker.kill()
+        except Exception:
+            pass
+
+    # ---- internals --------------------------------------------------------------------------------------
+
+    def _grade_one(self, response: Any, answer: Any, w: float, timeout_s: float, max_chars: int) -> Verdict:
+        text = extract.sanitize(response)
+        if len(text) > max_chars:
+            text = text[-max_chars:]  # the last box is what counts: keep the end
+        found = extract.extract_last_boxed(text)
+        if found.status != extract.OK or found.content is None:
+            return _verdict(False, found.status, None, 0.0, w)
+        pred = found.content
+        fmt = 1.0
+        if len(pred) > self.max_answer_chars:
+            return _verdict(False, ANSWER_TOO_LONG, None, fmt, w)
+
+        gold = extract.sanitize(answer).strip()
+        if extract.BOXED in gold:  # a reference written as a boxed solution: grade against its box
+            boxed = extract.extract_last_boxed(gold)
+            if boxed.status == extract.OK and boxed.content is not None:
+                gold = boxed.content
+        if not gold or len(gold) > self.max_answer_chars:
+            return _verdict(False, BAD_REFERENCE, pred, fmt, w)
+
+        # Fast paths, exact by construction: identical text, or two plain numbers compared as rationals.
+        gold_norm, pred_norm = extract.normalize(gold), extract.normalize(pred)
+        if gold_norm == pred_norm:
+            return _verdict(True, CORRECT, pred, fmt, w)
+        gold_value = extract.exact_number(gold_norm)
+        pred_value = extract.exact_number(pred_norm)
+        if gold_value is not None and pred_value is not None:
+            same = gold_value == pred_value
+            return _verdict(same, CORRECT if same else WRONG_ANSWER, pred, fmt, w)
+
+        if self.prescreen:
+            if extract.prescreen(gold) is not None:
+                return _verdict(False, BAD_REFERENCE, pred, fmt, w)
+            if extract.prescreen(pred) is not None:
+                return _verdict(False, UNPARSEABLE, pred, fmt, w)
+
+        reply = self._call({"op": "grade", "gold": gold, "pred": pred}, timeout_s)
+        if reply is None:
+            return _verdict(False, TIMEOUT, pred, fmt, w)
+        result = reply.get("result")
+        if result not in _WORKER_RESULTS:
+            result = UNPARSEABLE
+        return _verdict(result == CORRECT, result, pred, fmt, w)
+
+    def _ready_worker(self) -> _Worker:
+        worker = self._worker
+        if worker is not None and worker.owner_pid != os.getpid():
+            worker = self._worker = None  # inherited through fork: leave the parent's process alone
+        if worker is None:
+            worker = self._worker = _Worker(self.memory_limit_mb)
+        try:
+            worker.wait_ready(self.startup_timeout_s)
+        except WorkerStartError:
+            self._worker = None
+            raise
+        return worker
+
+    def _restart(self) -> None:
+        """Kill the current worker and start its replacement at once (it imports while the caller goes on)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()
+        self.restarts += 1
+        self._worker = _Worker(self.memory_limit_mb)
+
+    def _call(self, message: dict, timeout_s: float) -> dict | None:
+        """Send one request and wait at most ``timeout_s`` for its reply. None on timeout; a crashed worker
+        yields an ``unparseable`` reply. The worker is replaced in both cases."""
+        with self._lock:
+            for attempt in range(2):
+                worker = self._ready_worker()
+                if worker.proc.poll() is not None:  # died while idle (killed from outside)
+                    self._restart()
+                    worker = self._ready_worker()
+                self._next_id += 1
+                request_id = self._next_id
+                try:
+                    worker.send({**message, "id": request_id})
+                except OSError:  # it died while idle (killed from outside): replace it and resend once
+                    self._restart()
+                    if attempt == 0:
+                        continue
+                    return {"result": UNPARSEABLE, "detail": "worker unavailable"}
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    reply = worker.receive(deadline)
+                    if reply == "timeout":
+                        self._restart()
+                        return None
+                    if reply == "eof":  # crashed on this input (e.g. out of memory, stack overflow)
+                        self._restart()
+                        return {"result": UNPARSEABLE, "detail": "worker crashed"}
+                    assert isinstance(reply, dict)
+                    if reply.get("id") == request_id:
+                        return reply
+            return {"result": UNPARSEABLE, "detail": "worker unavailable"}
+
+
+def _verdict(correct: bool, reason: str, answer: str | None, fmt: float, w: float) -> Verdict:
+    accuracy = 1.0 if correct else 0.0
+    return Verdict(correct=correct, reward=(1.0 - w) * accuracy + w * fmt, answer=answer, reason=reason)
+
+
+# ---- module-level convenience: one shared grader per process --------------------------------------------
+
+_default: Grader | None = None
+_default_lock = threading.Lock()
+
+
+def default_grader() -> Grader:
+    """The process-wide grader behind :func:`grade` and :func:`grade_batch` (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Grader()
+        return _default
+
+
+def grade(
+    response: str,
+    answer: str,
+    *,
+    format_weight: float = DEFAULT_FORMAT_WEIGHT,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> Verdict:
+    """Grade one response against a reference answer (see the package docstring)."""
+    return default_grader().grade(
+        response, answer, format_weight=format_weight, timeout_s=timeout_s, max_chars=max_chars
+    )
+
+
+def grade_batch(
+    responses: Sequence[str],
+    answers: Sequence[str],
+    *,
+    format_weight: float = DEFAULT_FORMAT_WEIGHT,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_chars: int = DEFAULT_MAX_CHARS,
+) -> list[Verdict]:
+    """Grade many responses with one worker process (start-up paid once)."""
+    return default_grader().grade_batch(
+        responses, answers, format_weight=format_weight, timeout_s=timeout_s, max_chars=max_chars
+    )
