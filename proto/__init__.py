@@ -1,9 +1,11 @@
 """Typed messages that cross a service boundary (pydantic), and nothing else.
 
+The folder ``proto/`` is imported as ``cepo_proto`` (see pyproject.toml: proto-plus owns the name ``proto``).
+
 Tensors never travel as JSON lists: they ride inside Ray objects as numpy arrays or torch tensors.
 """
 
-from proto.adapter import AdapterAck, AdapterPayload, checksum_files
-from proto.messages import Problem, Verdict
+from cepo_proto.adapter import AdapterAck, AdapterPayload, checksum_files
+from cepo_proto.messages import Problem, Verdict
 
 __all__ = ["AdapterAck", "AdapterPayload", "Problem", "Verdict", "checksum_files"]

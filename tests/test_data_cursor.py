@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cepo.data import DataCursor, DataError, dataset_fingerprint
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 
 def make_problems(n: int, tag: str = "") -> list[Problem]:

@@ -17,7 +17,7 @@ import pytest
 
 from cepo.config import DataConfig
 from cepo.data import DataError, LoadResult, SkippedRow, from_config, load_problems, loaders
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 # A 1×1 PNG, used when PIL is not installed.
 _TINY_PNG = base64.b64decode(

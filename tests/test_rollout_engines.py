@@ -10,7 +10,7 @@ from _tiny import save_random_adapter, save_tiny_model
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from proto.adapter import AdapterPayload
+from cepo_proto.adapter import AdapterPayload
 from services.rollout.engines import SamplingSpec, TransformersEngine, VLLMEngine
 from services.teacher.sequences import chat_prompt_ids
 

@@ -8,7 +8,7 @@ import pytest
 
 from cepo.data import DataError
 from cepo.tasks import reasoning_gym as rg
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 REQUIRED = ("basic_arithmetic", "simple_equations", "gsm_symbolic", "simple_geometry")
 

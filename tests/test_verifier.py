@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proto import Verdict
+from cepo_proto import Verdict
 from services.verifier import REASONS, Grader, default_grader, extract_last_boxed, grade, grade_batch
 from services.verifier import extract as ex
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proto import Verdict
+from cepo_proto import Verdict
 from services.verifier import Grader
 
 pytestmark = pytest.mark.timeout(120)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cepo.data.loaders import DataError
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 __all__ = ["STATE_VERSION", "DataCursor", "dataset_fingerprint"]
 

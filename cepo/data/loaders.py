@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 if TYPE_CHECKING:
     from cepo.config import DataConfig

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cepo.data.loaders import DataError
-from proto.messages import Problem
+from cepo_proto.messages import Problem
 
 __all__ = ["SUPPORTED_TASKS", "generate", "generate_mixture", "score_answer", "source_entry"]
 

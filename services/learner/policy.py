@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from proto.adapter import AdapterPayload
+from cepo_proto.adapter import AdapterPayload
 from services.learner.losses import ppo_clip_loss
 from services.learner.schedules import lr_at
 

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.adapter import AdapterPayload, checksum_files
+from cepo_proto.adapter import AdapterPayload, checksum_files
 
 __all__ = [
     "Completion",

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proto import Verdict
+from cepo_proto import Verdict
 from services.verifier import extract
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
