@@ -92,6 +92,8 @@ class DataConfig(_Section):
     seed: int = Field(1, description="Shuffle seed of the data cursor.")
     prompt_template: str = Field(STUDENT_PROMPT, description="Student prompt (paper App. B).")
     eval_suites: list[str] = Field(default_factory=list, description="Held-out suites for evaluation.")
+    eval_size: int = Field(200, ge=1, description="Problems per held-out suite.")
+    eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (temperature 1.0).")
 
 
 class RolloutConfig(_Section):
@@ -203,6 +205,11 @@ class ResourcesConfig(_Section):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (None: all).")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Ray CPUs per rollout/teacher replica.")
     gpus_per_replica: float = Field(0.0, ge=0.0, description="Ray GPUs per rollout/teacher replica.")
+    call_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="Longest wait for any service call; a dead engine fails the step, never hangs it.",
+    )
 
 
 class LoggingConfig(_Section):

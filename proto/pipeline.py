@@ -1,0 +1,122 @@
+"""Messages of one training step: rollouts, teacher requests and scores, adapter sync acks, step reports.
+
+Token ids are short integer lists; per-token floats (log-probs) travel as float32 numpy arrays inside the Ray
+object (pickled, never JSON).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "GenerateRequest",
+    "Rollout",
+    "RolloutResult",
+    "StepReport",
+    "TeacherItem",
+    "TeacherRequest",
+    "TeacherScores",
+]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+def _float_array(value: Any) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float32)
+    if array.ndim != 1:
+        raise ValueError(f"expected a 1-D array, got shape {array.shape}")
+    return array
+
+
+class GenerateRequest(_Message):
+    prompts: list[list[int]] = Field(description="Prompt token ids (chat-templated student prompts).")
+    n: int = Field(ge=1, description="Samples per prompt (G).")
+    temperature: float = Field(ge=0.0)
+    top_p: float = Field(gt=0.0, le=1.0)
+    top_k: int = Field(ge=-1)
+    max_tokens: int = Field(ge=1)
+    presence_penalty: float = 0.0
+    expected_version: int | None = Field(
+        description="Adapter version the replica must be serving; a mismatch fails the request."
+    )
+
+
+class Rollout(_Message):
+    prompt_index: int = Field(ge=0, description="Index of the prompt in the step's batch (its GRPO group).")
+    response_ids: list[int]
+    logprobs: np.ndarray = Field(description="Sampling log-prob of each response token (float32).")
+    text: str
+    finish_reason: str
+    policy_version: int | None
+
+    _check_logprobs = field_validator("logprobs", mode="before")(_float_array)
+
+
+class RolloutResult(_Message):
+    replica: str
+    rollouts: list[list[Rollout]] = Field(description="For each prompt of the request, its n samples.")
+    seconds: float
+    generated_tokens: int
+
+
+class TeacherItem(_Message):
+    """One rollout to score: the student's prompt text, its response ids and the references to condition on.
+
+    ``negative=None`` means score that row under the student context (P_T⁻ := P_S, RLSD).
+    """
+
+    student_prompt: str
+    student_prompt_ids: list[int]
+    response_ids: list[int] = Field(min_length=1)
+    positive: str | None = Field(description="r⁺ text, or None to skip the positive context.")
+    negative: str | None
+
+
+class TeacherRequest(_Message):
+    items: list[TeacherItem]
+    temperature: float = Field(gt=0.0)
+    template: str = "paper"
+    expected_version: int | None
+
+
+class TeacherScores(_Message):
+    replica: str
+    logp_pos: list[np.ndarray | None]
+    logp_neg: list[np.ndarray]
+    seconds: float
+    scored_tokens: int
+
+
+class StepReport(BaseModel):
+    """One line of metrics.jsonl: what happened in a training step."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    policy_version: int
+    method: str
+    lam: float
+    reward_mean: float
+    accuracy: float
+    zero_variance_groups: int
+    groups: int
+    tokens: int
+    stage_seconds: dict[str, float]
+    step_seconds: float
+    tokens_per_s: float
+    delta_pos_frac: float = 0.0
+    delta_neg_frac: float = 0.0
+    weight_clip_frac: float = 0.0
+    abs_adv_before: float = 0.0
+    abs_adv_after: float = 0.0
+    negatives_found: int = 0
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    ppo_clip_frac: float = 0.0
+    lr: float = 0.0
+    adapter_checksum: str = ""

@@ -1,0 +1,68 @@
+"""The rollout replica: one engine behind a Ray actor, serving one adapter version at a time."""
+
+from __future__ import annotations
+
+import time
+
+from cepo_proto.adapter import AdapterAck, AdapterPayload
+from cepo_proto.pipeline import GenerateRequest, Rollout, RolloutResult
+from services.rollout.engines import SamplingSpec, make_engine
+
+__all__ = ["RolloutReplica", "VersionMismatch"]
+
+
+class VersionMismatch(RuntimeError):
+    """A replica was asked to serve a version it has not loaded: the adapter sync did not happen."""
+
+
+class RolloutReplica:
+    """Use as ``ray.remote(num_cpus=…)(RolloutReplica).remote(name, backend, model_path, **engine_kwargs)``."""
+
+    def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
+        self.name = name
+        self.engine = make_engine(backend, model_path, **engine_kwargs)
+
+    def load_adapter(self, payload: AdapterPayload) -> AdapterAck:
+        version, checksum = self.engine.load_adapter(payload)
+        return AdapterAck(replica=self.name, version=version, checksum=checksum)
+
+    def serving(self) -> tuple[int | None, str | None]:
+        return self.engine.version, self.engine.checksum
+
+    def generate(self, request: GenerateRequest) -> RolloutResult:
+        if request.expected_version != self.engine.version:
+            raise VersionMismatch(
+                f"{self.name} serves adapter version {self.engine.version}, "
+                f"the step expects {request.expected_version}"
+            )
+        start = time.perf_counter()
+        spec = SamplingSpec(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            max_tokens=request.max_tokens,
+            presence_penalty=request.presence_penalty,
+        )
+        groups = self.engine.generate(request.prompts, spec)
+        rollouts = [
+            [
+                Rollout(
+                    prompt_index=index,
+                    response_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    policy_version=self.engine.version,
+                )
+                for c in group
+            ]
+            for index, group in enumerate(groups)
+        ]
+        tokens = sum(len(r.response_ids) for group in rollouts for r in group)
+        return RolloutResult(
+            replica=self.name, rollouts=rollouts, seconds=time.perf_counter() - start, generated_tokens=tokens
+        )
+
+    def shutdown(self) -> None:
+        self.engine.close()

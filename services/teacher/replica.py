@@ -1,0 +1,84 @@
+"""The teacher replica: builds answer-conditioned sequences and scores the student's tokens under them.
+
+Positive and negative contexts of every item go through the engine in one batched ``score`` call. A row whose
+``negative`` is None is scored under the student's own context (P_T⁻ := P_S).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cepo_proto.adapter import AdapterAck, AdapterPayload
+from cepo_proto.pipeline import TeacherRequest, TeacherScores
+from services.rollout.engines import make_engine
+from services.rollout.replica import VersionMismatch
+from services.teacher.sequences import build_teacher_sequence, teacher_context_ids
+
+__all__ = ["TeacherReplica"]
+
+
+class TeacherReplica:
+    def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
+        from transformers import AutoTokenizer
+
+        self.name = name
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engine = make_engine(backend, model_path, **engine_kwargs)
+
+    def load_adapter(self, payload: AdapterPayload) -> AdapterAck:
+        version, checksum = self.engine.load_adapter(payload)
+        return AdapterAck(replica=self.name, version=version, checksum=checksum)
+
+    def serving(self) -> tuple[int | None, str | None]:
+        return self.engine.version, self.engine.checksum
+
+    def sequences(
+        self, request: TeacherRequest
+    ) -> tuple[list[tuple[list[int], int]], list[tuple[int | None, int]]]:
+        """Flattened (ids, response start) pairs and, per item, the indices of its positive and negative."""
+        pairs: list[tuple[list[int], int]] = []
+        where: list[tuple[int | None, int]] = []
+
+        def add(context: list[int], response: list[int]) -> int:
+            seq = build_teacher_sequence(context, response)
+            pairs.append((seq.input_ids, seq.response_start))
+            return len(pairs) - 1
+
+        for item in request.items:
+            pos = None
+            if item.positive is not None:
+                pos = add(
+                    teacher_context_ids(self.tokenizer, item.student_prompt, item.positive, request.template),
+                    item.response_ids,
+                )
+            if item.negative is None:
+                neg_context = item.student_prompt_ids  # P_T⁻ := P_S
+            else:
+                neg_context = teacher_context_ids(
+                    self.tokenizer, item.student_prompt, item.negative, request.template
+                )
+            where.append((pos, add(neg_context, item.response_ids)))
+        return pairs, where
+
+    def score(self, request: TeacherRequest) -> TeacherScores:
+        if request.expected_version is not None and request.expected_version != self.engine.version:
+            raise VersionMismatch(
+                f"{self.name} serves adapter version {self.engine.version}, "
+                f"the step expects {request.expected_version}"
+            )
+        start = time.perf_counter()
+        pairs, where = self.sequences(request)
+        scores = self.engine.score(pairs, request.temperature) if pairs else []
+        as_array = lambda i: np.asarray(scores[i], dtype=np.float32)  # noqa: E731
+        return TeacherScores(
+            replica=self.name,
+            logp_pos=[None if pos is None else as_array(pos) for pos, _ in where],
+            logp_neg=[as_array(neg) for _, neg in where],
+            seconds=time.perf_counter() - start,
+            scored_tokens=sum(len(ids) - s for ids, s in pairs),
+        )
+
+    def shutdown(self) -> None:
+        self.engine.close()
