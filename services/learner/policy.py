@@ -5,6 +5,13 @@ One rank's worth of work; the distributed learner wraps this (FSDP across ranks)
 
 A batch is a list of (prompt ids, response ids) with a [B, T] advantage per response token. Log-probs are
 those of the sampling distribution: logits divided by the rollout temperature.
+
+With ``fsdp=True`` the policy is one rank of a torch.distributed group (``services/learner/distributed.py``
+starts the group): every decoder layer and then the root are ``fully_shard``-ed (FSDP2) after peft wrapping.
+Gradients are then *summed* across ranks (no division by the world size), so a loss normalised by the global
+token / sequence count gives the exact global-batch gradient. FSDP2 runs collectives in every forward and
+backward, so all ranks must run the same number of micro-batches: ``num_micro_batches`` pads a rank's work
+with dummy micro-batches that contribute nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +71,26 @@ class PolicyBatch:
             self.response_index[start:stop],
         )
 
+    @classmethod
+    def empty(cls) -> PolicyBatch:
+        """A batch with no rows (a distributed rank whose shard of a tiny global batch is empty)."""
+        return cls(
+            torch.zeros((0, 1), dtype=torch.long),
+            torch.zeros((0, 1), dtype=torch.long),
+            torch.zeros((0, 0), dtype=torch.float32),
+            torch.zeros((0, 0), dtype=torch.long),
+        )
+
+
+def _dummy_batch(pad_id: int = 0) -> PolicyBatch:
+    """One row, two tokens, no response token: a forward that keeps FSDP collectives in step, adds nothing."""
+    return PolicyBatch(
+        torch.full((1, 2), pad_id, dtype=torch.long),
+        torch.ones((1, 2), dtype=torch.long),
+        torch.zeros((1, 1), dtype=torch.float32),
+        torch.ones((1, 1), dtype=torch.long),
+    )
+
 
 @dataclass(frozen=True)
 class UpdateStats:
@@ -101,6 +128,8 @@ class LoraPolicy:
         grad_clip: float = 1.0,
         temperature: float = 1.0,
         seed: int = 0,
+        fsdp: bool = False,
+        device: str = "cpu",
     ) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -113,33 +142,68 @@ class LoraPolicy:
             r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
         )
         self.model = get_peft_model(base, config)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.fsdp = fsdp
+        if fsdp:
+            self._shard()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.base_lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
         self.lr_schedule, self.grad_clip, self.temperature = lr_schedule, grad_clip, temperature
         self.step = 0
 
+    def _shard(self) -> None:
+        """FSDP2 over the peft model: each decoder layer, then the root (embeddings, norm, lm_head)."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if not dist.is_initialized():
+            raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
+        mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+        layer_classes = set(getattr(self.model.get_base_model(), "_no_split_modules", None) or ())
+        layers = [m for m in self.model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise RuntimeError(f"no decoder layer of classes {sorted(layer_classes)} to shard")
+        for module in [*layers, self.model]:
+            fully_shard(module, mesh=mesh)
+            # sum, never average, across ranks: the loss is already normalised by the global batch
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
     # ------------------------------------------------------------------ log-probs
     def token_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         """[B, T] log π(y_t | x, y_<t) at the sampling temperature (differentiable; 0 at padding)."""
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        input_ids = batch.input_ids.to(self.device)
+        index = batch.response_index.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(self.device)).logits
         # logits at position p − 1 predict the token at p
-        prev = (batch.response_index - 1).clamp_min(0)
+        prev = (index - 1).clamp_min(0)
         picked = logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
         logp = F.log_softmax(picked / self.temperature, dim=-1)
-        targets = batch.input_ids.gather(1, batch.response_index)
+        targets = input_ids.gather(1, index)
         token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return token_logp * batch.response_mask
+        return token_logp * batch.response_mask.to(self.device)
 
     @torch.no_grad()
-    def old_logprobs(self, batch: PolicyBatch, micro_batch_size: int = 8) -> torch.Tensor:
-        """Old-policy log-probs recomputed by the learner itself (not the engine's), before the update."""
+    def old_logprobs(
+        self, batch: PolicyBatch, micro_batch_size: int = 8, *, num_micro_batches: int | None = None
+    ) -> torch.Tensor:
+        """Old-policy log-probs recomputed by the learner itself (not the engine's), before the update.
+
+        ``num_micro_batches`` (FSDP): run dummy forwards up to that count so every rank's collectives match.
+        """
         self.model.eval()
         parts = [
-            self.token_logprobs(batch.rows(i, i + micro_batch_size))
+            self.token_logprobs(batch.rows(i, i + micro_batch_size)).cpu()
             for i in range(0, len(batch), micro_batch_size)
         ]
+        for _ in range(len(parts), num_micro_batches or 0):
+            self.token_logprobs(_dummy_batch())
         width = batch.response_mask.shape[1]
+        if not parts:
+            return torch.zeros((0, width))
         return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
 
     # ------------------------------------------------------------------ update
@@ -155,11 +219,15 @@ class LoraPolicy:
         loss_agg: str = "token-mean",
         global_tokens: float | None = None,
         global_seqs: float | None = None,
+        num_micro_batches: int | None = None,
     ) -> UpdateStats:
         """One optimizer step over ``batch`` (gradient accumulated over micro-batches).
 
         ``global_tokens`` / ``global_seqs`` are the counts over the whole global batch (all ranks); by default
         this rank's batch is the global batch. Token-mean is then exact whatever the micro-batch split.
+        Under FSDP the returned loss is this rank's share, clip_frac / approx_kl are over this rank's tokens
+        (0 without any) and grad_norm is the global norm; ``num_micro_batches`` pads with dummy micro-batches
+        so that every rank runs the same number of forwards and backwards.
         """
         if advantages.shape != batch.response_mask.shape:
             raise ValueError(
@@ -173,7 +241,15 @@ class LoraPolicy:
         seqs = float(len(batch)) if global_seqs is None else global_seqs
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = clip_sum = kl_sum = 0.0
-        for start in range(0, len(batch), micro_batch_size):
+        starts = list(range(0, len(batch), micro_batch_size))
+        total = max(len(starts), num_micro_batches or 0)
+        for i in range(total):
+            if self.fsdp:  # reduce-scatter the accumulated gradients once, after the last backward
+                self.model.set_requires_gradient_sync(i == total - 1)
+            if i >= len(starts):
+                (self.token_logprobs(_dummy_batch()).sum() * 0.0).backward()
+                continue
+            start = starts[i]
             micro = batch.rows(start, start + micro_batch_size)
             stop = start + len(micro)
             width = int(micro.response_mask.sum(1).max())
@@ -185,9 +261,9 @@ class LoraPolicy:
             )
             out = ppo_clip_loss(
                 self.token_logprobs(micro),
-                old_logp[start:stop, :width],
-                advantages[start:stop, :width],
-                micro.response_mask,
+                old_logp[start:stop, :width].to(self.device),
+                advantages[start:stop, :width].to(self.device),
+                micro.response_mask.to(self.device),
                 clip_low,
                 clip_high,
                 loss_agg,
@@ -196,23 +272,47 @@ class LoraPolicy:
             )
             out.loss.backward()
             n = float(micro.response_mask.sum())
-            loss_sum += float(out.loss)
+            loss_sum += float(out.loss.detach())
             clip_sum += float(out.clip_frac) * n
             kl_sum += float(out.approx_kl) * n
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the global norm, same on every rank
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.step += 1
-        n_tokens = float(batch.response_mask.sum())
-        return UpdateStats(loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, grad_norm, lr)
+        n_tokens = max(float(batch.response_mask.sum()), 1.0)
+        return UpdateStats(loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr)
 
     # ------------------------------------------------------------------ export
-    def export_adapter(self, version: int) -> AdapterPayload:
-        """The current adapter as a payload (PEFT's own file format, so PeftModel and vLLM load it)."""
+    def export_adapter(self, version: int) -> AdapterPayload | None:
+        """The current adapter as a payload (PEFT's own file format, so PeftModel and vLLM load it).
+
+        Under FSDP this is a collective (every rank must call it); rank 0 returns the payload, the others None.
+        """
+        import torch.distributed as dist
+
+        state = self._gathered_trainable() if self.fsdp else None
+        if self.fsdp and dist.get_rank() != 0:
+            return None
         with tempfile.TemporaryDirectory(prefix="cepo-export-") as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=state)
             return AdapterPayload.from_dir(version, tmp)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
+        """The full LoRA state in PEFT's naming, on CPU (under FSDP a collective: every rank must call it)."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        state = self._gathered_trainable() if self.fsdp else None
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(self.model, state_dict=state).items()
+        }
+
+    def _gathered_trainable(self) -> dict[str, torch.Tensor]:
+        """Every trainable (adapter) parameter, all-gathered to full size on CPU; the base stays sharded."""
+        out = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                out[name] = full.detach().to("cpu", copy=True)
+        return out

@@ -1,0 +1,424 @@
+"""The distributed learner: N Ray actors, one torch.distributed process group, FSDP2 over the LoRA policy.
+
+The driver-side :class:`LearnerGroup` starts ``ranks`` :class:`LearnerRank` actors that join one process group
+(gloo on CPU, NCCL when each rank has a GPU) and each own a :class:`~services.learner.policy.LoraPolicy`
+built with ``fsdp=True``. Every call takes plain data — samples as (prompt ids, response ids), tensors for
+the rest — and shards the batch contiguously across ranks (as even as possible; with fewer samples than
+ranks some shards are empty).
+
+Normalisation. The driver counts the response tokens and sequences of the WHOLE batch and hands them to every
+rank; each rank's loss is its tokens' share of the global token mean, FSDP sums (never averages) the gradients
+across ranks, so the step equals one taken on the whole batch in one process. FSDP2 communicates in every
+forward and backward, so the driver also tells every rank the global number of micro-batches and ranks with
+less work run dummy micro-batches.
+
+Failure handling. Each call first lets the ranks agree that their inputs are valid (one all-reduce of an error
+flag): a bad input fails on every rank at once, the rank that rejected it is named, and the group stays usable.
+A rank that fails later, inside a collective, would leave its peers waiting forever, so the driver waits a
+grace period for the others and otherwise tears the group down. No call waits longer than ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import ray
+import torch
+import torch.nn.functional as F
+
+from cepo_proto.adapter import AdapterPayload
+from services.learner.losses import AGG_MODES
+from services.learner.policy import LoraPolicy, PolicyBatch, UpdateStats
+
+__all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "shard_bounds"]
+
+Samples = Sequence[tuple[Sequence[int], Sequence[int]]]
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed; ``rank`` is the rank whose error is reported (None for a timeout)."""
+
+    def __init__(self, message: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+class _PeerRejected(RuntimeError):
+    """This rank's inputs were fine, another rank's were not (the agreement step failed elsewhere)."""
+
+
+def shard_bounds(n: int, ranks: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) per rank, sizes differing by at most one (the first n % ranks get one more)."""
+    if ranks < 1 or n < 0:
+        raise ValueError(f"need ranks ≥ 1 and n ≥ 0, got ranks={ranks}, n={n}")
+    base, extra = divmod(n, ranks)
+    bounds, start = [], 0
+    for r in range(ranks):
+        stop = start + base + (r < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _response_width(samples: Samples) -> int:
+    return max((len(r) for _, r in samples), default=0)
+
+
+@ray.remote
+class LearnerRank:
+    """One rank: joins the process group, owns an FSDP-sharded LoraPolicy, runs its shard of every call."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        model_path: str,
+        policy_kwargs: dict[str, Any],
+        threads: int,
+        pg_timeout_s: float,
+    ) -> None:
+        # a failure here is kept and raised by ready(): the driver then sees the real error, not "actor died"
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self._start_error: BaseException | None = None
+        try:
+            self._start(master_addr, master_port, backend, model_path, policy_kwargs, threads, pg_timeout_s)
+        except Exception as exc:
+            self._start_error = exc
+
+    def _start(
+        self,
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        model_path: str,
+        policy_kwargs: dict[str, Any],
+        threads: int,
+        pg_timeout_s: float,
+    ) -> None:
+        import torch.distributed as dist
+
+        rank, world_size = self.rank, self.world_size
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+        )
+        torch.set_num_threads(max(1, threads))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes each rank's own GPU as cuda:0
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+        )
+        self.policy = LoraPolicy(model_path, fsdp=True, device=self.device.type, **policy_kwargs)
+        self.vocab_size = int(self.policy.model.get_input_embeddings().num_embeddings)
+
+    # ------------------------------------------------------------------ plumbing
+    def ready(self) -> dict[str, Any]:
+        if self._start_error is not None:
+            raise self._start_error
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device)}
+
+    def _agree(self, prepare: Callable[[], Any]) -> Any:
+        """Run ``prepare`` (validation, no collectives) and agree with every rank that all of them succeeded."""
+        import torch.distributed as dist
+
+        error: BaseException | None = None
+        try:
+            prepared = prepare()
+        except Exception as exc:
+            error = exc
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if int(flag.item()):
+            raise _PeerRejected("another learner rank rejected its inputs")
+        return prepared
+
+    def _batch(self, samples: Samples, offset: int) -> PolicyBatch:
+        """This rank's shard as a batch; ``offset`` is its first sample's index in the global batch."""
+        for i, (prompt, response) in enumerate(samples, start=offset):
+            bad = [t for t in (*prompt, *response) if not 0 <= int(t) < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"sample {i}: token id {bad[0]} outside the vocabulary [0, {self.vocab_size})"
+                )
+        if not samples:
+            return PolicyBatch.empty()
+        try:
+            return PolicyBatch.build(samples)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (counting from sample {offset}, this rank's first)") from None
+
+    # ------------------------------------------------------------------ work
+    def old_logprobs(
+        self, samples: Samples, offset: int, micro_batch_size: int, num_micro_batches: int
+    ) -> torch.Tensor:
+        batch = self._agree(lambda: self._batch(samples, offset))
+        return self.policy.old_logprobs(batch, micro_batch_size, num_micro_batches=num_micro_batches)
+
+    def update(
+        self,
+        samples: Samples,
+        offset: int,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor,
+        options: dict[str, Any],
+    ) -> UpdateStats:
+        def prepare() -> PolicyBatch:
+            batch = self._batch(samples, offset)
+            width = batch.response_mask.shape[1]
+            for name, t in (("advantages", advantages), ("old_logp", old_logp)):
+                if t.shape[0] != len(batch) or t.shape[1] < width:
+                    raise ValueError(
+                        f"{name} shard must have {len(batch)} rows and ≥ {width} columns, got {tuple(t.shape)}"
+                    )
+            return batch
+
+        batch = self._agree(prepare)
+        width = batch.response_mask.shape[1]
+        return self.policy.update(batch, advantages[:, :width], old_logp[:, :width], **options)
+
+    def lora_state(self) -> dict[str, torch.Tensor] | None:
+        state = self.policy.lora_state()
+        return state if self.rank == 0 else None
+
+    def export_adapter(self, version: int) -> AdapterPayload | None:
+        return self.policy.export_adapter(version)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LearnerGroup:
+    """Driver-side handle on ``ranks`` LearnerRank actors forming one FSDP learner.
+
+    ``backend``: "gloo", "nccl" or "auto" (NCCL when each rank gets a GPU, i.e. ``gpus_per_rank`` > 0, else
+    gloo). NCCL needs one whole GPU per rank (two ranks may not share a device). ``timeout_s`` bounds every
+    call (and the start); ``grace_s`` is how long the other ranks get to finish after one failed before the
+    group is presumed stuck in a collective and torn down.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        ranks: int,
+        *,
+        policy_kwargs: dict[str, Any],
+        backend: str = "auto",
+        cpus_per_rank: float = 1,
+        gpus_per_rank: float = 0,
+        timeout_s: float = 600.0,
+        grace_s: float = 30.0,
+    ) -> None:
+        if ranks < 1:
+            raise ValueError(f"ranks must be ≥ 1, got {ranks}")
+        if backend == "auto":
+            backend = "nccl" if gpus_per_rank > 0 else "gloo"
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
+        reserved = {"fsdp", "device"} & set(policy_kwargs)
+        if reserved:
+            raise ValueError(f"policy_kwargs may not set {sorted(reserved)}: the group chooses them")
+        self.ranks, self.backend = ranks, backend
+        self.timeout_s, self.grace_s = timeout_s, grace_s
+        self._closed: str | None = None
+        port = _free_port()
+        threads = max(1, int(cpus_per_rank))
+        self._actors = [
+            LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, max_restarts=0).remote(
+                r, ranks, "127.0.0.1", port, backend, model_path, dict(policy_kwargs), threads, timeout_s
+            )
+            for r in range(ranks)
+        ]
+        try:
+            self.info = self._call("start", [a.ready.remote() for a in self._actors])
+        except BaseException:
+            self._teardown("failed to start")
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(self, what: str, refs: list[ray.ObjectRef]) -> list[Any]:
+        """Wait for one result per rank; name the failing rank; never wait longer than timeout_s."""
+        deadline = time.monotonic() + self.timeout_s
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        first_error_at = 0.0
+        index = {ref: r for r, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            left = deadline - time.monotonic()
+            if errors:  # one rank failed: the others get a grace period, they may be stuck in a collective
+                left = min(left, first_error_at + self.grace_s - time.monotonic())
+            if left <= 0:
+                break
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in done:
+                r = index[ref]
+                try:
+                    results[r] = ray.get(ref)
+                except Exception as exc:
+                    if not errors:
+                        first_error_at = time.monotonic()
+                    errors[r] = exc
+        stuck = sorted(index[ref] for ref in pending)
+        if stuck:
+            self._teardown(f"{what}: ranks {stuck} did not finish")
+        if errors:
+            rank, exc = self._root_cause(errors)
+            cause = getattr(exc, "cause", None) or exc
+            message = f"learner rank {rank} failed in {what}: {type(cause).__name__}: {_first_line(cause)}"
+            if stuck:
+                message += f" (ranks {stuck} were stuck; the group was shut down)"
+            raise LearnerError(message, rank) from exc
+        if stuck:
+            raise LearnerError(
+                f"learner {what} timed out after {self.timeout_s:g} s; ranks {stuck} still running; "
+                "the group was shut down"
+            )
+        return [results[r] for r in range(len(refs))]
+
+    @staticmethod
+    def _root_cause(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
+        """The lowest rank whose error is its own (not the echo of another rank's rejected input)."""
+        for rank in sorted(errors):
+            if not isinstance(getattr(errors[rank], "cause", None), _PeerRejected):
+                return rank, errors[rank]
+        rank = min(errors)
+        return rank, errors[rank]
+
+    def _live(self) -> list[Any]:
+        if self._closed is not None:
+            raise LearnerError(f"the learner group is shut down ({self._closed})")
+        return self._actors
+
+    def _shards(self, samples: Samples, micro_batch_size: int) -> tuple[list[tuple[int, int]], int]:
+        if not samples:
+            raise ValueError("a learner call needs at least one sample")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be ≥ 1, got {micro_batch_size}")
+        bounds = shard_bounds(len(samples), self.ranks)
+        micro = max(math.ceil((stop - start) / micro_batch_size) for start, stop in bounds)
+        return bounds, micro
+
+    # ------------------------------------------------------------------ API
+    def old_logprobs(self, samples: Samples, micro_batch_size: int = 8) -> torch.Tensor:
+        """[B, T] old-policy log-probs of every sample's response tokens (0 at padding), T = longest response."""
+        actors = self._live()
+        samples = [(list(p), list(r)) for p, r in samples]
+        bounds, micro = self._shards(samples, micro_batch_size)
+        refs = [
+            a.old_logprobs.remote(samples[start:stop], start, micro_batch_size, micro)
+            for a, (start, stop) in zip(actors, bounds, strict=True)
+        ]
+        parts = self._call("old_logprobs", refs)
+        width = _response_width(samples)
+        return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
+
+    def update(
+        self,
+        samples: Samples,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor,
+        *,
+        micro_batch_size: int = 8,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        loss_agg: str = "token-mean",
+    ) -> UpdateStats:
+        """One optimizer step on every rank over the whole batch; stats aggregated over the ranks."""
+        actors = self._live()
+        samples = [(list(p), list(r)) for p, r in samples]
+        bounds, micro = self._shards(samples, micro_batch_size)
+        if loss_agg not in AGG_MODES:
+            raise ValueError(f"unknown loss aggregation {loss_agg!r}; allowed: {', '.join(AGG_MODES)}")
+        shape = (len(samples), _response_width(samples))
+        for name, t in (("advantages", advantages), ("old_logp", old_logp)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a tensor of shape {shape}, got {got}")
+        tokens = [sum(len(r) for _, r in samples[start:stop]) for start, stop in bounds]
+        options = {
+            "micro_batch_size": micro_batch_size,
+            "clip_low": clip_low,
+            "clip_high": clip_high,
+            "loss_agg": loss_agg,
+            "global_tokens": float(sum(tokens)),
+            "global_seqs": float(len(samples)),
+            "num_micro_batches": micro,
+        }
+        advantages, old_logp = advantages.detach().cpu(), old_logp.detach().cpu()
+        refs = [
+            a.update.remote(samples[start:stop], start, advantages[start:stop], old_logp[start:stop], options)
+            for a, (start, stop) in zip(actors, bounds, strict=True)
+        ]
+        stats: list[UpdateStats] = self._call("update", refs)
+        total = float(sum(tokens))
+        return UpdateStats(
+            loss=sum(s.loss for s in stats),
+            clip_frac=sum(s.clip_frac * n for s, n in zip(stats, tokens, strict=True)) / total,
+            approx_kl=sum(s.approx_kl * n for s, n in zip(stats, tokens, strict=True)) / total,
+            grad_norm=stats[0].grad_norm,  # the global norm, identical on every rank
+            lr=stats[0].lr,
+        )
+
+    def export_adapter(self, version: int) -> AdapterPayload:
+        """The full adapter (gathered across ranks) in PEFT's file format, as rank 0 writes it."""
+        if version < 0:
+            raise ValueError(f"adapter version must be ≥ 0, got {version}")
+        payload = self._call("export_adapter", [a.export_adapter.remote(version) for a in self._live()])[0]
+        assert payload is not None, "rank 0 returned no adapter"
+        return payload
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """The full (gathered) LoRA state in PEFT's naming."""
+        return self._call("lora_state", [a.lora_state.remote() for a in self._live()])[0]
+
+    def shutdown(self) -> None:
+        """Destroy the process group on every rank, then kill the actors. Idempotent."""
+        if self._closed is not None:
+            return
+        refs = [a.shutdown.remote() for a in self._actors]
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=min(self.timeout_s, 30.0))
+        finally:
+            self._teardown("shut down")
+
+    def _teardown(self, reason: str) -> None:
+        for actor in self._actors:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(actor, no_restart=True)
+        self._closed = self._closed or reason
+
+    def __enter__(self) -> LearnerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,176 @@
+"""The distributed learner: 2 Ray actor ranks, gloo, FSDP2 over the LoRA policy, against one process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import save_tiny_model
+
+from services.learner.distributed import LearnerError, LearnerGroup, shard_bounds
+from services.learner.policy import LoraPolicy, PolicyBatch
+
+ray = pytest.importorskip("ray")
+
+# five samples of different lengths: 2 ranks get 3 and 2, and with micro-batches of 2 the ranks run 2 and 1
+SAMPLES = [
+    ([1, 5, 9, 11], [7, 8, 2]),
+    ([1, 6], [9, 10, 11, 12, 2]),
+    ([1, 5, 9, 11, 13, 14], [2]),
+    ([1, 7, 7], [3, 4]),
+    ([4, 4, 4, 4, 4], [5, 6, 7, 8, 9, 10]),
+]
+POLICY = {"rank": 8, "alpha": 16, "lr": 1e-3, "warmup_steps": 0, "lr_schedule": "constant", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    previous = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 enables token auth by default
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = previous
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("distributed") / "model")
+
+
+@pytest.fixture(scope="module")
+def group(ray_session, model_dir):
+    learner = LearnerGroup(str(model_dir), 2, policy_kwargs=POLICY, timeout_s=180, grace_s=20)
+    yield learner
+    learner.shutdown()
+
+
+def assert_same_state(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys() and expected
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name], tensor, atol=atol, rtol=0), name
+
+
+def test_shard_bounds():
+    assert shard_bounds(5, 2) == [(0, 3), (3, 5)]
+    assert shard_bounds(1, 3) == [(0, 1), (1, 1), (1, 1)]
+    assert shard_bounds(6, 3) == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_two_ranks_equal_one_process(group, model_dir):
+    single = LoraPolicy(str(model_dir), **POLICY)
+    batch = PolicyBatch.build(SAMPLES)
+    assert_same_state(group.lora_state(), single.lora_state(), atol=0)
+    signs = [
+        torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]),
+        torch.tensor([-1.0, 0.7, 1.5, -0.2, -1.0]),
+    ]
+    old = group.old_logprobs(SAMPLES, micro_batch_size=2)
+    expected_old = single.old_logprobs(batch)
+    assert old.shape == expected_old.shape == (5, 6)
+    assert torch.allclose(old, expected_old, atol=1e-5)
+    for step, sign in enumerate(signs):  # the second step reuses the first's (now stale) old log-probs
+        # per-token advantages, so that every token's gradient differs
+        adv = sign.unsqueeze(1) * (1 + 0.1 * torch.arange(6.0)) * batch.response_mask
+        stats = group.update(SAMPLES, adv, old, micro_batch_size=2)
+        expected = single.update(batch, adv, expected_old, micro_batch_size=8)
+        assert stats.grad_norm > 0.1
+        assert stats.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+        assert stats.loss == pytest.approx(expected.loss, rel=1e-5, abs=1e-7)
+        assert stats.approx_kl == pytest.approx(expected.approx_kl, rel=1e-4, abs=1e-9)
+        assert (stats.approx_kl != 0) == (step == 1)  # token-weighted over the ranks
+        assert stats.clip_frac == expected.clip_frac and stats.lr == expected.lr
+        assert_same_state(group.lora_state(), single.lora_state())
+        assert torch.allclose(
+            group.old_logprobs(SAMPLES, micro_batch_size=4), single.old_logprobs(batch), atol=1e-5
+        )
+    # fewer samples than ranks: rank 1 has an empty shard and runs dummy micro-batches to keep FSDP in step
+    small = SAMPLES[1:2]
+    small_batch = PolicyBatch.build(small)
+    old = group.old_logprobs(small)
+    assert torch.allclose(old, single.old_logprobs(small_batch), atol=1e-5)
+    adv = -small_batch.response_mask
+    stats = group.update(small, adv, old)
+    assert stats.grad_norm == pytest.approx(single.update(small_batch, adv, old).grad_norm, rel=1e-5)
+    assert_same_state(group.lora_state(), single.lora_state())
+
+
+def peft_logprobs(folder, model_dir, samples) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(folder)).eval()
+    width = max(len(r) for _, r in samples)
+    rows = []
+    with torch.no_grad():
+        for prompt, response in samples:
+            ids = torch.tensor([[*prompt, *response]])
+            logp = F.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+            picked = logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
+            rows.append(F.pad(picked, (0, width - len(response))))
+    return torch.stack(rows)
+
+
+def test_export_adapter_loads_in_peft(group, model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    payload = group.export_adapter(version=3)
+    assert payload.version == 3 and sorted(payload.files) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert group.export_adapter(version=3).checksum == payload.checksum  # stable: same bytes twice
+    folder = payload.write_to(tmp_path / "adapter")
+    assert_same_state(load_file(folder / "adapter_model.safetensors"), group.lora_state(), atol=0)
+    expected = group.old_logprobs(SAMPLES, micro_batch_size=3)
+    assert torch.allclose(peft_logprobs(folder, model_dir, SAMPLES), expected, atol=1e-5)
+
+
+def test_rank_error_names_the_rank_and_group_survives(group):
+    before = group.old_logprobs(SAMPLES)
+    bad = [*SAMPLES[:4], ([4, 4], [5, 6, 7, 8, 9, 10_000])]  # sample 4 lies in rank 1's shard
+    with pytest.raises(LearnerError, match=r"learner rank 1 failed in old_logprobs: .*sample 4") as info:
+        group.old_logprobs(bad)
+    assert info.value.rank == 1
+    adv = torch.zeros(5, 6)
+    with pytest.raises(LearnerError, match="learner rank 1 failed in update"):
+        group.update(bad, adv, adv)
+    with pytest.raises(ValueError, match=r"advantages must be a tensor of shape \(5, 6\)"):
+        group.update(SAMPLES, adv[:4], adv)
+    # a rejected input fails every rank at the agreement step, before any FSDP collective: no one is stuck
+    assert torch.equal(group.old_logprobs(SAMPLES), before)
+
+
+def test_timeout_tears_the_group_down(group):
+    group.timeout_s = 0.01
+    with pytest.raises(LearnerError, match=r"timed out after 0\.01 s"):
+        group.old_logprobs(SAMPLES)
+    with pytest.raises(LearnerError, match="shut down"):
+        group.lora_state()
+
+
+def test_rank_failing_inside_a_collective_tears_the_group_down(ray_session, model_dir):
+    learner = LearnerGroup(str(model_dir), 2, policy_kwargs=POLICY, timeout_s=60, grace_s=1)
+    try:
+
+        def wait_for_peer(rank):
+            import torch.distributed as dist
+
+            dist.barrier()  # rank 1 never arrives
+
+        def fail(rank):
+            raise RuntimeError("out of memory, say")
+
+        a0, a1 = learner._actors
+        refs = [a0.__ray_call__.remote(wait_for_peer), a1.__ray_call__.remote(fail)]
+        with pytest.raises(LearnerError, match=r"rank 1 failed in probe: .*out of memory.*\[0\] were stuck"):
+            learner._call("probe", refs)
+        with pytest.raises(LearnerError, match="shut down"):
+            learner.old_logprobs(SAMPLES)
+    finally:
+        learner.shutdown()
