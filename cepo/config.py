@@ -205,6 +205,12 @@ class ResourcesConfig(_Section):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (None: all).")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Ray CPUs per rollout/teacher replica.")
     gpus_per_replica: float = Field(0.0, ge=0.0, description="Ray GPUs per rollout/teacher replica.")
+    cpus_per_learner_rank: float = Field(1.0, gt=0.0, description="Ray CPUs per learner rank.")
+    gpus_per_learner_rank: float = Field(
+        0.0,
+        ge=0.0,
+        description="Ray GPUs per learner rank (whole numbers with NCCL; > 0 selects NCCL on auto).",
+    )
     call_timeout_s: float = Field(
         600.0,
         gt=0.0,
