@@ -8,15 +8,15 @@ from cepo_proto.adapter import AdapterAck, AdapterPayload
 from cepo_proto.pipeline import GenerateRequest, Rollout, RolloutResult
 from services.rollout.engines import SamplingSpec, make_engine
 
-__all__ = ["RolloutReplica", "VersionMismatch"]
+__all__ = ["EngineReplica", "RolloutReplica", "VersionMismatch"]
 
 
 class VersionMismatch(RuntimeError):
     """A replica was asked to serve a version it has not loaded: the adapter sync did not happen."""
 
 
-class RolloutReplica:
-    """Use as ``ray.remote(num_cpus=…)(RolloutReplica).remote(name, backend, model_path, **engine_kwargs)``."""
+class EngineReplica:
+    """An engine with a name: loads adapters by version and says which one it serves."""
 
     def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
         self.name = name
@@ -29,12 +29,21 @@ class RolloutReplica:
     def serving(self) -> tuple[int | None, str | None]:
         return self.engine.version, self.engine.checksum
 
-    def generate(self, request: GenerateRequest) -> RolloutResult:
-        if request.expected_version != self.engine.version:
+    def check_version(self, expected: int | None) -> None:
+        if expected != self.engine.version:
             raise VersionMismatch(
-                f"{self.name} serves adapter version {self.engine.version}, "
-                f"the step expects {request.expected_version}"
+                f"{self.name} serves adapter version {self.engine.version}, the step expects {expected}"
             )
+
+    def shutdown(self) -> None:
+        self.engine.close()
+
+
+class RolloutReplica(EngineReplica):
+    """Use as ``ray.remote(num_cpus=…)(RolloutReplica).remote(name, backend, model_path, **engine_kwargs)``."""
+
+    def generate(self, request: GenerateRequest) -> RolloutResult:
+        self.check_version(request.expected_version)
         start = time.perf_counter()
         spec = SamplingSpec(
             n=request.n,
@@ -63,6 +72,3 @@ class RolloutReplica:
         return RolloutResult(
             replica=self.name, rollouts=rollouts, seconds=time.perf_counter() - start, generated_tokens=tokens
         )
-
-    def shutdown(self) -> None:
-        self.engine.close()

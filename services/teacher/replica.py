@@ -10,29 +10,19 @@ import time
 
 import numpy as np
 
-from cepo_proto.adapter import AdapterAck, AdapterPayload
 from cepo_proto.pipeline import TeacherRequest, TeacherScores
-from services.rollout.engines import make_engine
-from services.rollout.replica import VersionMismatch
+from services.rollout.replica import EngineReplica
 from services.teacher.sequences import build_teacher_sequence, teacher_context_ids
 
 __all__ = ["TeacherReplica"]
 
 
-class TeacherReplica:
+class TeacherReplica(EngineReplica):
     def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
         from transformers import AutoTokenizer
 
-        self.name = name
+        super().__init__(name, backend, model_path, **engine_kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.engine = make_engine(backend, model_path, **engine_kwargs)
-
-    def load_adapter(self, payload: AdapterPayload) -> AdapterAck:
-        version, checksum = self.engine.load_adapter(payload)
-        return AdapterAck(replica=self.name, version=version, checksum=checksum)
-
-    def serving(self) -> tuple[int | None, str | None]:
-        return self.engine.version, self.engine.checksum
 
     def sequences(
         self, request: TeacherRequest
@@ -63,11 +53,8 @@ class TeacherReplica:
         return pairs, where
 
     def score(self, request: TeacherRequest) -> TeacherScores:
-        if request.expected_version is not None and request.expected_version != self.engine.version:
-            raise VersionMismatch(
-                f"{self.name} serves adapter version {self.engine.version}, "
-                f"the step expects {request.expected_version}"
-            )
+        if request.expected_version is not None:  # None: the frozen reference teacher
+            self.check_version(request.expected_version)
         start = time.perf_counter()
         pairs, where = self.sequences(request)
         scores = self.engine.score(pairs, request.temperature) if pairs else []
@@ -79,6 +66,3 @@ class TeacherReplica:
             seconds=time.perf_counter() - start,
             scored_tokens=sum(len(ids) - s for ids, s in pairs),
         )
-
-    def shutdown(self) -> None:
-        self.engine.close()
