@@ -31,6 +31,7 @@ def test_cepo_train_end_to_end(tiny_model_dir, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["policy_version"] == 3
     assert set(summary["base"]) == {
+        "test",
         "more_operands",
         "larger_numbers",
         "unseen_mix",
