@@ -117,7 +117,7 @@ def train(
 
     cfg = _load(config, set_)
     folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
-    run_train(cfg, folder, steps=steps, console=Console())
+    run_train(cfg, folder, steps=steps, console=Console(soft_wrap=True))
 
 
 @app.command()
