@@ -453,7 +453,7 @@ class Trainer:
         with self.metrics_path.open("a") as fh:
             fh.write(report.model_dump_json() + "\n")
         self.step_index = next_step
-        if next_step % cfg.logging.checkpoint_every == 0 or next_step == cfg.algorithm.steps:
+        if next_step % cfg.logging.checkpoint_every == 0:
             self.checkpoint()
         if self.on_step:
             self.on_step(report)
@@ -462,7 +462,10 @@ class Trainer:
     def train(self, steps: int | None = None) -> list[StepReport]:
         if not self._started:
             self.start()
-        return [self.step() for _ in range(steps if steps is not None else self.cfg.algorithm.steps)]
+        reports = [self.step() for _ in range(steps if steps is not None else self.cfg.algorithm.steps)]
+        if reports and self.step_index % self.cfg.logging.checkpoint_every != 0:
+            self.checkpoint()  # the last step is always saved
+        return reports
 
     # ------------------------------------------------------------------------------------------ outputs
     def checkpoint(self) -> Path:
