@@ -443,7 +443,8 @@ def test_image_paths_that_exist_win_over_bytes_and_pil_images_become_data_uris(t
     (saved,) = load_problems("hf", folder).problems
     assert data_uri_bytes(saved.images[0]) == red
 
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil
+
     uri = loaders._image_to_str(pil.new("RGB", (3, 3), (0, 255, 0)), 0, None)
     assert pil.open(io.BytesIO(data_uri_bytes(uri))).size == (3, 3)
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 from _tiny import save_tiny_model
 
 from services.learner.distributed import LearnerError, LearnerGroup, shard_bounds
 from services.learner.policy import LoraPolicy, PolicyBatch
-
-ray = pytest.importorskip("ray")
 
 # five samples of different lengths: 2 ranks get 3 and 2, and with micro-batches of 2 the ranks run 2 and 1
 SAMPLES = [
