@@ -331,19 +331,20 @@ class Trainer:
         batch = _Batch(problems, texts, prompt_ids)
         groups = self.generate(prompt_ids, n=cfg.rollout.group_size, temperature=cfg.rollout.temperature)
         batch.rollouts = [r for group in groups for r in group]
+        group_of = batch.groups  # rollout row → its prompt's index (the GRPO group)
         times["gen"] = time.perf_counter() - t
 
         # 2. verify
         t = time.perf_counter()
-        verdicts = self.grade([r.text for r in batch.rollouts], [problems[g].answer for g in batch.groups])
+        verdicts = self.grade([r.text for r in batch.rollouts], [problems[g].answer for g in group_of])
         times["verify"] = time.perf_counter() - t
 
         # 3. GRPO advantages, r⁻ per group
         t = time.perf_counter()
         rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
-        seq_adv = grpo_advantages(rewards, batch.groups, eps=alg.adv_eps, scale_by_std=alg.scale_adv_by_std)
+        seq_adv = grpo_advantages(rewards, group_of, eps=alg.adv_eps, scale_by_std=alg.scale_adv_by_std)
         negatives = select_negative_answers(
-            rewards.tolist(), batch.groups, [v.answer for v in verdicts], [v.correct for v in verdicts]
+            rewards.tolist(), group_of, [v.answer for v in verdicts], [v.correct for v in verdicts]
         )
         lengths = [len(r.response_ids) for r in batch.rollouts]
         mask = torch.zeros(len(lengths), max(lengths))
@@ -359,7 +360,7 @@ class Trainer:
             rows = [i for i in range(len(lengths)) if seq_adv[i] != 0]  # A = 0 → Â = 0 whatever Δ is
             items = []
             for i in rows:
-                g = batch.groups[i]
+                g = group_of[i]
                 choice = negatives[g] if alg.method == "cepo" else None
                 items.append(
                     TeacherItem(
@@ -416,9 +417,8 @@ class Trainer:
         step_seconds = time.perf_counter() - step_start
         tokens = int(sum(lengths))
         accuracy = float(np.mean([v.correct for v in verdicts]))
-        zero_var = sum(
-            1 for g in set(batch.groups) if all(seq_adv[i] == 0 for i, x in enumerate(batch.groups) if x == g)
-        )
+        signal = {g for g, a in zip(group_of, seq_adv.tolist(), strict=True) if a != 0}
+        zero_var = len(problems) - len(signal)  # groups whose rollouts all got A = 0
         report = StepReport(
             step=self.step_index,
             policy_version=self.version,
