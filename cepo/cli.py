@@ -18,6 +18,10 @@ config_app = typer.Typer(help="Inspect and validate run configurations.", no_arg
 app.add_typer(config_app, name="config")
 models_app = typer.Typer(help="Build or import the offline models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+runs_app = typer.Typer(
+    help="The run ledger: Redis when configured, else the run folders.", no_args_is_help=True
+)
+app.add_typer(runs_app, name="runs")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -135,6 +139,151 @@ def bench(
     cfg = _load(config, set_)
     result = run_bench(cfg, _run_dir(run_dir, f"{cfg.name}-bench"), steps=steps)
     print(json.dumps(result, indent=2))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Base model folder (default: model.path of the config).")] = "",
+    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter folder (e.g. RUN/adapter).")] = None,
+    suites: Annotated[
+        str, typer.Option(help="Comma-separated held-out suites (default: the config's).")
+    ] = "",
+    samples: Annotated[int | None, typer.Option(min=1, help="Samples per problem.")] = None,
+    size: Annotated[int | None, typer.Option(min=1, help="Problems per suite.")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Also report greedy accuracy.")] = True,
+    backend: Annotated[str, typer.Option(help="vllm or transformers.")] = "vllm",
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Held-out accuracy ± standard error per suite and the average, with the paper's sampling (eval.*)."""
+    import json
+
+    from cepo.evaluate import evaluate_model
+
+    overrides = list(set_ or [])
+    if model:
+        overrides.append(f"model.path={model}")
+    if suites:
+        overrides.append(f"data.eval_suites=[{suites}]")
+    if samples:
+        overrides.append(f"data.eval_samples={samples}")
+    if size:
+        overrides.append(f"data.eval_size={size}")
+    cfg = _load(config, overrides)
+    if backend not in ("vllm", "transformers"):
+        console.print(f"[red]error:[/red] --backend {backend!r}; allowed: vllm, transformers")
+        raise typer.Exit(2)
+    try:
+        results = evaluate_model(cfg, adapter=adapter, backend=backend, greedy=greedy, console=console)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    print(json.dumps(results, indent=2))
+
+
+@app.command()
+def compare(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "grpo,opsd,sdpo,rlsd,cepo",
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (1..N).")] = 3,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Steps per run (default: algorithm.steps).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<name>-compare).")] = None,
+) -> None:
+    """Train every method × seed (finished runs are kept), then write the Table-2 markdown and the figures."""
+    import shlex
+    import sys
+
+    from cepo.compare import parse_methods, run_compare
+
+    cfg = _load(config, set_)
+    try:
+        chosen = parse_methods(methods)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    folder = out or Path("runs") / f"{cfg.name}-compare"
+    command = "cepo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_compare(cfg, folder, chosen, seeds, command=command, steps=steps, console=Console(soft_wrap=True))
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def plot(
+    run: Annotated[Path, typer.Option("--run", help="Run folder.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/plots).")] = None,
+) -> None:
+    """PNGs of reward and accuracy, Δ fractions, clip rates and stage timings over steps."""
+    from cepo.plots import cli_plot
+
+    try:
+        cli_plot(run, out, Console(soft_wrap=True))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def inspect(
+    run: Annotated[Path, typer.Option("--run", help="Run folder.")],
+    step: Annotated[int, typer.Option("--step", min=0, help="Step (0-based, as in metrics.jsonl).")],
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file (default: RUN/inspect/step_NNNNN.html).")
+    ] = None,
+) -> None:
+    """One self-contained HTML page: that step's rollouts, each token coloured by its CEPO and RLSD weight."""
+    from cepo.inspect import cli_inspect
+
+    try:
+        cli_inspect(run, step, out, Console(soft_wrap=True))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+RedisOption = Annotated[
+    str | None,
+    typer.Option("--redis", envvar="CEPO_REDIS_URL", help="Redis URL of the ledger (default: run folders)."),
+]
+RootOption = Annotated[Path, typer.Option("--root", help="Folder of run folders (without Redis).")]
+
+
+@runs_app.command("list")
+def runs_list(
+    redis: RedisOption = None,
+    root: RootOption = Path("runs"),
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """Runs, newest first: status, step, policy version, last reward and accuracy."""
+    from cepo.ledger import LedgerError, cli_list
+
+    try:
+        cli_list(redis, root, limit, Console(soft_wrap=True))
+    except LedgerError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@runs_app.command("show")
+def runs_show(
+    run: Annotated[str, typer.Argument(help="Run id (or unique prefix), or a run folder.")],
+    redis: RedisOption = None,
+    root: RootOption = Path("runs"),
+    steps: Annotated[int, typer.Option(min=0, help="Last step reports to show.")] = 5,
+) -> None:
+    """One run: its record, checkpoints, last metrics and latest step reports with a sample rollout."""
+    from cepo.ledger import LedgerError, cli_show
+
+    try:
+        cli_show(run, redis, root, steps, Console(soft_wrap=True))
+    except LedgerError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config", "parse_override"]
 
 Method = Literal["grpo", "rlsd", "cepo", "opsd", "sdpo"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 # Paper, App. B Table 6: "1×10^-6 (5×10^-6 for CEPO)".
 PAPER_LEARNING_RATES: dict[str, float] = {
     "grpo": 1e-6,
@@ -93,7 +94,23 @@ class DataConfig(_Section):
     prompt_template: str = Field(STUDENT_PROMPT, description="Student prompt (paper App. B).")
     eval_suites: list[str] = Field(default_factory=list, description="Held-out suites for evaluation.")
     eval_size: int = Field(200, ge=1, description="Problems per held-out suite.")
-    eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (temperature 1.0).")
+    eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (sampled with `eval.*`).")
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation during and after training (suites, size and samples live under ``data``)."""
+
+    every: int = Field(
+        0, ge=0, description="Evaluate every this many steps during training (0: base and final policy only)."
+    )
+    greedy: bool = Field(True, description="Also report greedy accuracy (temperature 0) beside sampled.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (paper §5: 1.0).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling (paper §5: 1.0).")
+    top_k: int = Field(40, ge=-1, description="Top-k sampling (paper §5: 40; -1 = off).")
+    presence_penalty: float = Field(2.0, ge=-2.0, le=2.0, description="Presence penalty (paper §5: 2.0).")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Response cap when evaluating (None: rollout.max_new_tokens)."
+    )
 
 
 class RolloutConfig(_Section):
@@ -197,6 +214,11 @@ class AlgorithmConfig(_Section):
         100, ge=1, description="SDPO top-k + tail bucket (None = full vocabulary)."
     )
     ema_decay: float = Field(0.999, ge=0.0, le=1.0, description="SDPO EMA teacher decay β (paper Table 7).")
+    distill_with_pg: bool = Field(
+        True,
+        description="OPSD/SDPO loss = PPO-clip(GRPO) + weight·D (True, the paper's reimplementation) or "
+        "weight·D alone (False, pure on-policy distillation).",
+    )
 
 
 class ResourcesConfig(_Section):
@@ -223,9 +245,20 @@ class LoggingConfig(_Section):
     redis_url: str | None = Field(None, description="Redis URL for the run ledger (None: run folder only).")
     checkpoint_every: int = Field(10, ge=1, description="Steps between adapter checkpoints.")
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="Controller /metrics port (None: off)."
+        None,
+        ge=0,
+        le=65535,
+        description="Base port of the services' /metrics endpoints (None: off; 0: ephemeral ports). Controller "
+        "at base, learner rank r at base+10+r, rollout i at base+20+i, teacher i at base+40+i, verifier i at "
+        "base+60+i; every endpoint is also listed in the run folder's prometheus_targets.json.",
     )
     samples_per_step: int = Field(4, ge=0, description="Sample rollouts kept per step in the report.")
+    token_dump_rollouts: int = Field(
+        64,
+        ge=0,
+        description="Rollouts per step written with per-token evidence to steps/step_NNNNN.json for "
+        "`cepo inspect` (0: none).",
+    )
 
 
 class RunConfig(_Section):
@@ -237,6 +270,7 @@ class RunConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

@@ -34,16 +34,22 @@ from cepo_proto import AdapterAck, AdapterPayload, Problem
 from cepo_proto.pipeline import GenerateRequest, Rollout, StepReport, TeacherItem, TeacherRequest
 from services.learner.advantages import (
     cepo_token_advantages,
+    evidence_delta,
     evidence_stats,
+    evidence_weights,
     grpo_advantages,
     rlsd_token_advantages,
 )
 from services.learner.negatives import select_negative_answers
+from services.learner.policy import DistillSpec
 from services.learner.schedules import lambda_at
+from services.teacher.feedback import peer_for, reference_text
 
 __all__ = ["PIPELINE_METHODS", "SyncError", "Trainer", "split_evenly"]
 
-PIPELINE_METHODS = ("grpo", "rlsd", "cepo")
+PIPELINE_METHODS = ("grpo", "rlsd", "cepo", "opsd", "sdpo")
+EVIDENCE_METHODS = ("cepo", "rlsd")  # scored by the teacher replicas at the sampled tokens
+DISTILL_METHODS = ("opsd", "sdpo")  # the teacher's full distribution, computed on the learner ranks
 STAGES = ("gen", "verify", "adv", "teacher", "old_logp", "update", "sync")
 
 
@@ -75,6 +81,11 @@ def check_acks(acks: Sequence[AdapterAck], version: int, checksum: str, expected
             problems.append(f"{name}: serves version {ack.version} checksum {ack.checksum[:12]}")
     if problems:
         raise SyncError(f"adapter version {version} ({checksum[:12]}) not confirmed: " + "; ".join(problems))
+
+
+def _finite(values: torch.Tensor) -> list[float]:
+    """JSON-safe floats: an impossible token's log-prob (−inf) becomes −1e4, NaN 0."""
+    return torch.nan_to_num(values.float(), nan=0.0, neginf=-1e4, posinf=1e4).tolist()
 
 
 @dataclass
@@ -167,7 +178,7 @@ class Trainer:
             for i in range(cfg.rollout.replicas)
         }
         self.teacher = {}
-        if cfg.algorithm.method in ("cepo", "rlsd"):
+        if cfg.algorithm.method in EVIDENCE_METHODS:
             self.teacher = {
                 f"teacher-{i}": ray.remote(**replica_options)(TeacherReplica).remote(
                     f"teacher-{i}",
@@ -257,7 +268,17 @@ class Trainer:
         if include_teacher and self.teacher:
             self.teacher_version = version
 
-    def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_k: int | None = None):
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        presence_penalty: float = 0.0,
+        max_tokens: int | None = None,
+    ):
         """Spread prompts over the rollout replicas; returns, per prompt, its n rollouts."""
         cfg = self.cfg.rollout
         ranges = split_evenly(len(prompt_ids), len(self.rollout))
@@ -268,9 +289,10 @@ class Trainer:
                     prompts=prompt_ids[a:b],
                     n=n,
                     temperature=temperature,
-                    top_p=cfg.top_p,
+                    top_p=cfg.top_p if top_p is None else top_p,
                     top_k=cfg.top_k if top_k is None else top_k,
-                    max_tokens=cfg.max_new_tokens,
+                    presence_penalty=presence_penalty,
+                    max_tokens=max_tokens or cfg.max_new_tokens,
                     expected_version=self.version,
                 )
             )
@@ -318,6 +340,98 @@ class Trainer:
         texts = [self.cfg.data.prompt_template.format(problem=p.problem) for p in problems]
         return texts, [chat_prompt_ids(self.tokenizer, t) for t in texts]
 
+    def _positive_text(
+        self, row: int, batch: _Batch, group_rows: list[int], rewards: list[float], correct: list[bool]
+    ) -> str:
+        """r⁺ for one row (``teacher.positive``): the ground truth, or part of a correct peer's response."""
+        answer = batch.problems[batch.rollouts[row].prompt_index].answer
+        kind = self.cfg.teacher.positive
+        if kind == "ground_truth":
+            return answer
+        peer = peer_for(row, group_rows, rewards, correct)
+        if peer is None:
+            return answer  # no correct peer besides the row itself: fall back to the ground truth
+        text = reference_text(
+            kind, answer=None, response_ids=batch.rollouts[peer].response_ids, tokenizer=self.tokenizer
+        )
+        return text or answer
+
+    def _negative_text(self, choice: Any, batch: _Batch) -> str | None:
+        """r⁻ of a group (``teacher.negative``): the rejected rollout's answer, or (part of) its response."""
+        if choice is None:
+            return None
+        return reference_text(
+            self.cfg.teacher.negative,
+            answer=choice.answer,
+            response_ids=batch.rollouts[choice.index].response_ids,
+            tokenizer=self.tokenizer,
+        )
+
+    def _dump_tokens(
+        self,
+        batch: _Batch,
+        verdicts: list[Any],
+        seq_adv: torch.Tensor,
+        old_logp: torch.Tensor,
+        logp_pos: torch.Tensor | None,
+        logp_neg: torch.Tensor | None,
+        mask: torch.Tensor,
+        negatives: dict[int, Any],
+        lam: float,
+    ) -> None:
+        """steps/step_NNNNN.json: per-token evidence of some of the step's rollouts (``cepo inspect``)."""
+        limit = self.cfg.logging.token_dump_rollouts
+        if limit <= 0:
+            return
+        eps_w = self.cfg.algorithm.eps_w
+        scored = torch.zeros(len(batch.rollouts), dtype=torch.bool) if logp_pos is None else (seq_adv != 0)
+        order = [i for i in range(len(batch.rollouts)) if scored[i]]
+        order += [i for i in range(len(batch.rollouts)) if not scored[i]]
+        chosen = sorted(order[:limit])
+        weights = {}
+        if logp_pos is not None:
+            delta = evidence_delta(logp_pos, logp_neg, mask)
+            weights = {
+                "delta": delta,
+                "w_cepo": evidence_weights(seq_adv, delta, eps_w),
+                "w_rlsd": evidence_weights(seq_adv, evidence_delta(logp_pos, old_logp, mask), eps_w),
+            }
+        rows = []
+        for i in chosen:
+            r = batch.rollouts[i]
+            g, n = r.prompt_index, len(r.response_ids)
+            choice = negatives.get(g)
+            row = {
+                "group": g,
+                "prompt": batch.prompt_texts[g],
+                "answer": batch.problems[g].answer,
+                "negative": None if choice is None else choice.answer,
+                "response": r.text,
+                "reward": verdicts[i].reward,
+                "correct": verdicts[i].correct,
+                "advantage": float(seq_adv[i]),
+                "scored": bool(scored[i]),
+                "tokens": [self.tokenizer.decode([t]) for t in r.response_ids],
+                "logp_student": _finite(old_logp[i, :n]),
+            }
+            for key, tensor in (("logp_pos", logp_pos), ("logp_neg", logp_neg), *weights.items()):
+                row[key] = _finite(tensor[i, :n]) if tensor is not None and scored[i] else None
+            rows.append(row)
+        data = {
+            "step": self.step_index,
+            "method": self.cfg.algorithm.method,
+            "lam": lam,
+            "eps_w": eps_w,
+            "policy_version": self.version,
+            "rollouts": rows,
+        }
+        folder = self.run_dir / "steps"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step_{self.step_index:05d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, allow_nan=False, default=float))
+        tmp.replace(path)
+
     def step(self) -> StepReport:
         cfg, alg = self.cfg, self.cfg.algorithm
         times: dict[str, float] = dict.fromkeys(STAGES, 0.0)
@@ -355,20 +469,24 @@ class Trainer:
         # 4. teacher scores (skipped entirely when λ = 0 or for GRPO) and token advantages
         stats = None
         token_adv = seq_adv.unsqueeze(1) * mask
-        if alg.method in ("cepo", "rlsd") and lam > 0:
+        logp_pos = logp_neg = None
+        correct = [v.correct for v in verdicts]
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(group_of):
+            members.setdefault(g, []).append(i)
+        if alg.method in EVIDENCE_METHODS and lam > 0:
             t = time.perf_counter()
             rows = [i for i in range(len(lengths)) if seq_adv[i] != 0]  # A = 0 → Â = 0 whatever Δ is
             items = []
             for i in rows:
                 g = group_of[i]
-                choice = negatives[g] if alg.method == "cepo" else None
                 items.append(
                     TeacherItem(
                         student_prompt=batch.prompt_texts[g],
                         student_prompt_ids=batch.prompt_ids[g],
                         response_ids=batch.rollouts[i].response_ids,
-                        positive=problems[g].answer,
-                        negative=None if choice is None else choice.answer,
+                        positive=self._positive_text(i, batch, members[g], rewards.tolist(), correct),
+                        negative=self._negative_text(negatives[g], batch) if alg.method == "cepo" else None,
                     )
                 )
             logp_pos = torch.zeros_like(mask)
@@ -388,7 +506,29 @@ class Trainer:
             )
             times["adv"] += time.perf_counter() - t
 
-        # 5. learner: old log-probs, PPO-clip update
+        # OPSD / SDPO: every row's response after the r⁺ teacher context, for the learner's no-grad teacher pass
+        distill = teacher_samples = None
+        if alg.method in DISTILL_METHODS:
+            from services.teacher.sequences import teacher_context_ids
+
+            distill = DistillSpec(
+                alg.method,
+                weight=alg.distill_weight,
+                alpha=alg.sdpo_alpha,
+                top_k=alg.sdpo_top_k,
+                ema_decay=alg.ema_decay,
+                with_pg=alg.distill_with_pg,
+            )
+            teacher_samples = []
+            for i, r in enumerate(batch.rollouts):
+                g = group_of[i]
+                positive = self._positive_text(i, batch, members[g], rewards.tolist(), correct)
+                context = teacher_context_ids(
+                    self.tokenizer, batch.prompt_texts[g], positive, cfg.teacher.template
+                )
+                teacher_samples.append((context, r.response_ids))
+
+        # 5. learner: old log-probs, PPO-clip update (+ the distillation term for OPSD / SDPO)
         samples = [(batch.prompt_ids[r.prompt_index], r.response_ids) for r in batch.rollouts]
         t = time.perf_counter()
         old_logp = self.learner.old_logprobs(samples, micro_batch_size=cfg.learner.micro_batch_size)
@@ -402,8 +542,11 @@ class Trainer:
             clip_low=cfg.learner.clip_low,
             clip_high=cfg.learner.clip_high,
             loss_agg=cfg.learner.loss_agg,
+            teacher_samples=teacher_samples,
+            distill=distill,
         )
         times["update"] = time.perf_counter() - t
+        self._dump_tokens(batch, verdicts, seq_adv, old_logp, logp_pos, logp_neg, mask, negatives, lam)
 
         # 6. adapter v + 1 to every replica, confirmed
         t = time.perf_counter()
@@ -437,6 +580,7 @@ class Trainer:
             grad_norm=update.grad_norm,
             ppo_clip_frac=update.clip_frac,
             lr=update.lr,
+            distill_loss=update.distill_loss,
             adapter_checksum=self.checksum,
             **(
                 {
@@ -459,10 +603,21 @@ class Trainer:
             self.on_step(report)
         return report
 
-    def train(self, steps: int | None = None) -> list[StepReport]:
+    def train(
+        self,
+        steps: int | None = None,
+        *,
+        every: int = 0,
+        callback: Callable[[int], None] | None = None,
+    ) -> list[StepReport]:
+        """Run ``steps`` steps; ``callback(steps_done)`` after every ``every``-th (e.g. held-out evaluation)."""
         if not self._started:
             self.start()
-        reports = [self.step() for _ in range(steps if steps is not None else self.cfg.algorithm.steps)]
+        reports = []
+        for _ in range(steps if steps is not None else self.cfg.algorithm.steps):
+            reports.append(self.step())
+            if callback is not None and every > 0 and self.step_index % every == 0:
+                callback(self.step_index)
         if reports and self.step_index % self.cfg.logging.checkpoint_every != 0:
             self.checkpoint()  # the last step is always saved
         return reports
@@ -492,13 +647,42 @@ class Trainer:
         shutil.copytree(final / "adapter", latest)
         return final
 
-    def evaluate(self, problems: Sequence[Problem], *, samples: int = 1, temperature: float = 1.0) -> float:
-        """Accuracy of the adapter the replicas serve now on ``problems`` (``samples`` each)."""
+    def evaluate(
+        self, problems: Sequence[Problem], *, samples: int = 1, greedy: bool = False
+    ) -> dict[str, float]:
+        """Held-out accuracy of the adapter the replicas serve now, with the ``eval`` sampling settings.
+
+        Returns ``sampled`` (mean over problems of the fraction of ``samples`` correct) with its standard error
+        over problems, and with ``greedy`` also the greedy (temperature 0, one sample) accuracy and error.
+        """
+        ev = self.cfg.eval
         _, prompt_ids = self._prompts(problems)
-        groups = self.generate(prompt_ids, n=samples, temperature=temperature, top_k=-1)
-        texts = [r.text for group in groups for r in group]
-        answers = [problems[r.prompt_index].answer for group in groups for r in group]
-        return float(np.mean([v.correct for v in self.grade(texts, answers)]))
+
+        def accuracy(n: int, temperature: float) -> tuple[float, float]:
+            groups = self.generate(
+                prompt_ids,
+                n=n,
+                temperature=temperature,
+                top_p=ev.top_p,
+                top_k=ev.top_k,
+                presence_penalty=ev.presence_penalty,
+                max_tokens=ev.max_new_tokens,
+            )
+            texts = [r.text for group in groups for r in group]
+            answers = [problems[r.prompt_index].answer for group in groups for r in group]
+            verdicts = self.grade(texts, answers)
+            per_problem = np.zeros(len(problems))
+            for group_rows, start in zip(groups, np.cumsum([0, *map(len, groups)]), strict=False):
+                for k, r in enumerate(group_rows):
+                    per_problem[r.prompt_index] += verdicts[start + k].correct / len(group_rows)
+            se = float(per_problem.std(ddof=1) / np.sqrt(len(problems))) if len(problems) > 1 else 0.0
+            return float(per_problem.mean()), se
+
+        result = {"n": len(problems), "samples": samples}
+        result["sampled"], result["sampled_se"] = accuracy(samples, ev.temperature)
+        if greedy:
+            result["greedy"], result["greedy_se"] = accuracy(1, 0.0)
+        return result
 
     def close(self) -> None:
         import ray

@@ -38,19 +38,39 @@ def eval_problems(cfg: RunConfig) -> dict[str, list[Problem]]:
 
 def _step_line(report: StepReport) -> str:
     st = report.stage_seconds
-    evidence = ""
-    if report.method != "grpo":
-        evidence = f" Δ+ {report.delta_pos_frac:.2f} Δ− {report.delta_neg_frac:.2f} clip {report.weight_clip_frac:.2f}"
+    method = ""
+    if report.method in ("cepo", "rlsd"):
+        method = (
+            f"λ {report.lam:.3f} Δ+ {report.delta_pos_frac:.2f} Δ− {report.delta_neg_frac:.2f} "
+            f"clip {report.weight_clip_frac:.2f}  "
+        )
+    elif report.method in ("opsd", "sdpo"):
+        method = f"distill {report.distill_loss:.4f}  "
     return (
         f"step {report.step + 1:>3}  reward {report.reward_mean:.3f}  acc {report.accuracy:.3f}  "
-        f"λ {report.lam:.3f}{evidence}  v{report.policy_version}  "
+        f"{method}v{report.policy_version}  "
         f"gen {st['gen']:.2f}s teacher {st['teacher']:.2f}s update {st['old_logp'] + st['update']:.2f}s "
         f"sync {st['sync']:.2f}s  ({report.step_seconds:.2f}s, {report.tokens_per_s:.0f} tok/s)"
     )
 
 
-def _evaluate(trainer: Trainer, suites: dict[str, list[Problem]], samples: int) -> dict[str, float]:
-    scores = {name: trainer.evaluate(problems, samples=samples) for name, problems in suites.items()}
+def _evaluate(
+    trainer: Trainer, suites: dict[str, list[Problem]], cfg: RunConfig, run_dir: Path, steps_done: int
+) -> dict[str, dict[str, float]]:
+    """Evaluate every suite, append one eval.jsonl line per suite, return {suite: result}."""
+    results = {
+        name: trainer.evaluate(problems, samples=cfg.data.eval_samples, greedy=cfg.eval.greedy)
+        for name, problems in suites.items()
+    }
+    with (run_dir / "eval.jsonl").open("a") as fh:
+        for name, result in results.items():
+            line = {"step": steps_done, "policy_version": trainer.version, "suite": name, **result}
+            fh.write(json.dumps(line) + "\n")
+    return results
+
+
+def _averaged(results: dict[str, dict[str, float]], key: str) -> dict[str, float]:
+    scores = {name: r[key] for name, r in results.items() if key in r}
     if scores:
         scores["average"] = sum(scores.values()) / len(scores)
     return scores
@@ -59,39 +79,62 @@ def _evaluate(trainer: Trainer, suites: dict[str, list[Problem]], samples: int) 
 def train(
     cfg: RunConfig, run_dir: Path, *, steps: int | None = None, console: Console | None = None
 ) -> dict[str, Any]:
-    """Train, evaluate base and trained policy on the held-out suites, write ``summary.json``; return it."""
+    """Train, evaluating the held-out suites before, every ``eval.every`` steps and after (eval.jsonl);
+    write ``summary.json`` and return it."""
     console = console or Console()
     steps = steps if steps is not None else cfg.algorithm.steps
     trainer = Trainer(
         cfg, run_dir, on_step=lambda r: console.print(_step_line(r), highlight=False), log=console.print
     )
     suites = eval_problems(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.jsonl").unlink(missing_ok=True)
+
+    evaluated: dict[int, dict[str, dict[str, float]]] = {}  # steps done → results
+
+    def evaluate(steps_done: int) -> dict[str, dict[str, float]]:
+        if steps_done not in evaluated:
+            with console.status(f"evaluating the policy after {steps_done} steps…"):
+                evaluated[steps_done] = _evaluate(trainer, suites, cfg, run_dir, steps_done)
+            if suites:
+                line = "  ".join(
+                    f"{k} {v:.3f}" for k, v in _averaged(evaluated[steps_done], "sampled").items()
+                )
+                console.print(f"held-out after {steps_done} steps: {line}", highlight=False)
+        return evaluated[steps_done]
+
     try:
         with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
             started = time.perf_counter()
             trainer.start()
         console.print(f"services up in {time.perf_counter() - started:.1f}s → {run_dir}")
-        with console.status("evaluating the base policy…"):
-            base = _evaluate(trainer, suites, cfg.data.eval_samples)
-        reports = trainer.train(steps)
-        with console.status("evaluating the trained policy…"):
-            trained = _evaluate(trainer, suites, cfg.data.eval_samples)
+        base = evaluate(0)
+        every = cfg.eval.every if suites else 0
+        reports = trainer.train(steps, every=every, callback=evaluate if every else None)
+        trained = evaluate(trainer.step_index)  # already done when the last step was an evaluation step
     finally:
         trainer.close()
     summary = {
         "run_dir": str(run_dir),
         "method": cfg.algorithm.method,
+        "seed": cfg.seed,
         "steps": len(reports),
         "policy_version": reports[-1].policy_version if reports else 0,
-        "base": base,
-        "trained": trained,
+        "eval_samples": cfg.data.eval_samples,
+        "base": _averaged(base, "sampled"),
+        "trained": _averaged(trained, "sampled"),
+        "base_greedy": _averaged(base, "greedy"),
+        "trained_greedy": _averaged(trained, "greedy"),
         "timing": median_stages(reports) if reports else {},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if suites:
-        console.print("held-out accuracy (temperature 1.0):")
-        for name in base:
-            console.print(f"  {name:<16} base {base[name]:.3f}  →  trained {trained[name]:.3f}")
+        console.print(f"held-out accuracy (temperature {cfg.eval.temperature}; greedy in brackets):")
+        for name in summary["base"]:
+            b, t = summary["base"][name], summary["trained"][name]
+            bg, tg = summary["base_greedy"].get(name), summary["trained_greedy"].get(name)
+            greedy = f"  [{bg:.3f} → {tg:.3f}]" if bg is not None else ""
+            console.print(f"  {name:<16} base {b:.3f}  →  trained {t:.3f}{greedy}", highlight=False)
     return summary
 
 

@@ -119,4 +119,5 @@ class StepReport(BaseModel):
     grad_norm: float = 0.0
     ppo_clip_frac: float = 0.0
     lr: float = 0.0
+    distill_loss: float = 0.0
     adapter_checksum: str = ""

@@ -23,8 +23,10 @@ import torch
 __all__ = [
     "EvidenceStats",
     "cepo_token_advantages",
+    "evidence_delta",
     "evidence_stats",
     "evidence_token_advantages",
+    "evidence_weights",
     "grpo_advantages",
     "rlsd_token_advantages",
 ]
@@ -87,7 +89,7 @@ def _check_token_inputs(seq_adv, logp_a, logp_b, mask, lam, eps_w, names) -> Non
         raise ValueError(f"eps_w must lie in (0, 1) (Theorem 1), got {eps_w}")
 
 
-def _evidence_delta(logp_num: torch.Tensor, logp_den: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def evidence_delta(logp_num: torch.Tensor, logp_den: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sg(log P_num(y_t) − log P_den(y_t)) at valid positions, 0 elsewhere.
 
     Padded positions may hold −inf or NaN log-probs; they are zeroed *before* any arithmetic so that 0·∞
@@ -101,6 +103,16 @@ def _evidence_delta(logp_num: torch.Tensor, logp_den: torch.Tensor, mask: torch.
     return torch.nan_to_num(delta, nan=0.0)
 
 
+def evidence_weights(seq_adv: torch.Tensor, delta: torch.Tensor, eps_w: float) -> torch.Tensor:
+    """The clipped evidence weight clip(exp(sign(A) · Δ_t), 1 − ε_w, 1 + ε_w), [B, T] (Eq. 7; Eq. 4 for RLSD's Δ).
+
+    A row with A = 0 gets weight exp(0) = 1. Detached; what ``cepo inspect`` colours tokens by.
+    """
+    sign = torch.sign(seq_adv.detach().to(torch.float32)).unsqueeze(1)
+    # exp(±inf) = inf or 0, which the clip maps to 1 ± ε_w; NaN never reaches here (see evidence_delta).
+    return torch.exp(sign * delta.detach().to(torch.float32)).clamp(1.0 - eps_w, 1.0 + eps_w)
+
+
 def evidence_token_advantages(
     seq_adv: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float
 ) -> torch.Tensor:
@@ -110,10 +122,7 @@ def evidence_token_advantages(
     ``delta`` is treated as a constant (detached).
     """
     adv = seq_adv.detach().to(torch.float32)
-    sign = torch.sign(adv).unsqueeze(1)
-    # exp(±inf) = inf or 0, which the clip maps to 1 ± ε_w; NaN never reaches here (see _evidence_delta).
-    weight = torch.exp(sign * delta.detach().to(torch.float32))
-    clipped = weight.clamp(1.0 - eps_w, 1.0 + eps_w)
+    clipped = evidence_weights(adv, delta, eps_w)
     token_adv = adv.unsqueeze(1) * ((1.0 - lam) + lam * clipped)
     return torch.where(mask.bool(), token_adv, torch.zeros_like(token_adv))
 
@@ -140,7 +149,7 @@ def cepo_token_advantages(
     Returns a detached [B, T] float32 tensor; masked positions are 0 and sign(Â_t) = sign(A) everywhere else.
     """
     _check_token_inputs(seq_adv, logp_pos, logp_neg, mask, lam, eps_w, ("logp_pos", "logp_neg", "mask"))
-    return evidence_token_advantages(seq_adv, _evidence_delta(logp_pos, logp_neg, mask), mask, lam, eps_w)
+    return evidence_token_advantages(seq_adv, evidence_delta(logp_pos, logp_neg, mask), mask, lam, eps_w)
 
 
 def rlsd_token_advantages(
@@ -155,7 +164,7 @@ def rlsd_token_advantages(
     _check_token_inputs(
         seq_adv, logp_pos, logp_student, mask, lam, eps_w, ("logp_pos", "logp_student", "mask")
     )
-    return evidence_token_advantages(seq_adv, _evidence_delta(logp_pos, logp_student, mask), mask, lam, eps_w)
+    return evidence_token_advantages(seq_adv, evidence_delta(logp_pos, logp_student, mask), mask, lam, eps_w)
 
 
 @dataclass(frozen=True)
@@ -188,7 +197,7 @@ def evidence_stats(
     n_valid = int(valid.sum())
     if n_valid == 0:
         return EvidenceStats(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    delta = _evidence_delta(logp_pos, logp_ref, mask)
+    delta = evidence_delta(logp_pos, logp_ref, mask)
     adv = seq_adv.detach().to(torch.float32)
     weight = torch.exp(torch.sign(adv).unsqueeze(1) * delta)
     clipped = (weight < 1.0 - eps_w) | (weight > 1.0 + eps_w)

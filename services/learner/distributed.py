@@ -21,6 +21,7 @@ grace period for the others and otherwise tears the group down. No call waits lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -33,9 +34,10 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from cepo import telemetry
 from cepo_proto.adapter import AdapterPayload
 from services.learner.losses import AGG_MODES
-from services.learner.policy import LoraPolicy, PolicyBatch, UpdateStats
+from services.learner.policy import DistillSpec, LoraPolicy, PolicyBatch, UpdateStats
 
 __all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "shard_bounds"]
 
@@ -183,8 +185,9 @@ class LearnerRank:
         advantages: torch.Tensor,
         old_logp: torch.Tensor,
         options: dict[str, Any],
+        teacher_samples: Samples | None = None,
     ) -> UpdateStats:
-        def prepare() -> PolicyBatch:
+        def prepare() -> tuple[PolicyBatch, PolicyBatch | None]:
             batch = self._batch(samples, offset)
             width = batch.response_mask.shape[1]
             for name, t in (("advantages", advantages), ("old_logp", old_logp)):
@@ -192,11 +195,22 @@ class LearnerRank:
                     raise ValueError(
                         f"{name} shard must have {len(batch)} rows and ≥ {width} columns, got {tuple(t.shape)}"
                     )
-            return batch
+            teacher = None if teacher_samples is None else self._batch(teacher_samples, offset)
+            return batch, teacher
 
-        batch = self._agree(prepare)
+        start = time.perf_counter()
+        batch, teacher = self._agree(prepare)
         width = batch.response_mask.shape[1]
-        return self.policy.update(batch, advantages[:, :width], old_logp[:, :width], **options)
+        options = dict(options)
+        if options.get("distill") is not None:
+            options["distill"] = DistillSpec(**options["distill"])
+        stats = self.policy.update(
+            batch, advantages[:, :width], old_logp[:, :width], teacher_batch=teacher, **options
+        )
+        telemetry.observe_learner_update(
+            self.rank, stats.loss, stats.grad_norm, stats.clip_frac, time.perf_counter() - start
+        )
+        return stats
 
     def lora_state(self) -> dict[str, torch.Tensor] | None:
         state = self.policy.lora_state()
@@ -204,6 +218,10 @@ class LearnerRank:
 
     def export_adapter(self, version: int) -> AdapterPayload | None:
         return self.policy.export_adapter(version)
+
+    def metrics_endpoint(self, port: int) -> tuple[str, int]:
+        """Serve this rank's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
+        return telemetry.endpoint(port)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -347,8 +365,13 @@ class LearnerGroup:
         clip_low: float = 0.2,
         clip_high: float = 0.28,
         loss_agg: str = "token-mean",
+        teacher_samples: Samples | None = None,
+        distill: DistillSpec | None = None,
     ) -> UpdateStats:
-        """One optimizer step on every rank over the whole batch; stats aggregated over the ranks."""
+        """One optimizer step on every rank over the whole batch; stats aggregated over the ranks.
+
+        OPSD / SDPO: ``distill`` and ``teacher_samples``, row i being (teacher context with r⁺, response i).
+        """
         actors = self._live()
         samples = [(list(p), list(r)) for p, r in samples]
         bounds, micro = self._shards(samples, micro_batch_size)
@@ -359,6 +382,16 @@ class LearnerGroup:
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be a tensor of shape {shape}, got {got}")
+        if distill is not None:
+            if teacher_samples is None or len(teacher_samples) != len(samples):
+                got = "none" if teacher_samples is None else len(teacher_samples)
+                raise ValueError(
+                    f"{distill.kind} needs one teacher sample per sample ({len(samples)}), got {got}"
+                )
+            teacher_samples = [(list(p), list(r)) for p, r in teacher_samples]
+            for i, ((_, r), (_, tr)) in enumerate(zip(samples, teacher_samples, strict=True)):
+                if r != tr:
+                    raise ValueError(f"teacher sample {i}: its response differs from sample {i}'s")
         tokens = [sum(len(r) for _, r in samples[start:stop]) for start, stop in bounds]
         options = {
             "micro_batch_size": micro_batch_size,
@@ -368,10 +401,18 @@ class LearnerGroup:
             "global_tokens": float(sum(tokens)),
             "global_seqs": float(len(samples)),
             "num_micro_batches": micro,
+            "distill": None if distill is None else dataclasses.asdict(distill),
         }
         advantages, old_logp = advantages.detach().cpu(), old_logp.detach().cpu()
         refs = [
-            a.update.remote(samples[start:stop], start, advantages[start:stop], old_logp[start:stop], options)
+            a.update.remote(
+                samples[start:stop],
+                start,
+                advantages[start:stop],
+                old_logp[start:stop],
+                options,
+                None if distill is None else teacher_samples[start:stop],
+            )
             for a, (start, stop) in zip(actors, bounds, strict=True)
         ]
         stats: list[UpdateStats] = self._call("update", refs)
@@ -382,6 +423,7 @@ class LearnerGroup:
             approx_kl=sum(s.approx_kl * n for s, n in zip(stats, tokens, strict=True)) / total,
             grad_norm=stats[0].grad_norm,  # the global norm, identical on every rank
             lr=stats[0].lr,
+            distill_loss=sum(s.distill_loss for s in stats),
         )
 
     def export_adapter(self, version: int) -> AdapterPayload:
@@ -391,6 +433,11 @@ class LearnerGroup:
         payload = self._call("export_adapter", [a.export_adapter.remote(version) for a in self._live()])[0]
         assert payload is not None, "rank 0 returned no adapter"
         return payload
+
+    def metrics_endpoints(self, ports: Sequence[int]) -> list[tuple[str, int]]:
+        """Start every rank's metrics server on ``ports[r]`` (0: ephemeral); (node ip, port) per rank."""
+        refs = [a.metrics_endpoint.remote(p) for a, p in zip(self._live(), ports, strict=True)]
+        return self._call("metrics_endpoint", refs)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The full (gathered) LoRA state in PEFT's naming."""

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from cepo_proto.adapter import AdapterPayload
-from services.learner.losses import ppo_clip_loss
+from services.learner.losses import ema_update, opsd_loss, ppo_clip_loss, sdpo_loss
 from services.learner.schedules import lr_at
 
-__all__ = ["LoraPolicy", "PolicyBatch", "UpdateStats"]
+__all__ = ["DistillSpec", "LoraPolicy", "PolicyBatch", "UpdateStats"]
 
 
 @dataclass
@@ -99,6 +99,34 @@ class UpdateStats:
     approx_kl: float
     grad_norm: float
     lr: float
+    distill_loss: float = 0.0  # the distillation term alone (OPSD / SDPO), already weighted
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """The distribution-matching baselines (paper Table 7): what the update adds to (or uses instead of) PPO.
+
+    - ``opsd``: KL(P_T⁺ ‖ P_S) over the whole vocabulary, the teacher being the current actor with r⁺ in
+      context (a no-grad forward of the same weights, before this step's optimizer step).
+    - ``sdpo``: generalised JSD_α(P_T⁺, P_S) over the student's top-k tokens plus a tail bucket, the teacher
+      being an EMA of the actor (decay β, updated after every optimizer step), with r⁺ in context.
+
+    ``with_pg``: loss = PPO-clip(GRPO A) + weight · D (the paper's EasyR1 reimplementation, "distillation
+    weight α"); False: loss = weight · D alone (the original on-policy distillation recipe).
+    """
+
+    kind: str
+    weight: float = 1.0
+    alpha: float = 0.5
+    top_k: int | None = 100
+    ema_decay: float = 0.999
+    with_pg: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("opsd", "sdpo"):
+            raise ValueError(f"distillation kind must be 'opsd' or 'sdpo', got {self.kind!r}")
+        if self.weight < 0:
+            raise ValueError(f"distillation weight must be ≥ 0, got {self.weight}")
 
 
 class LoraPolicy:
@@ -152,6 +180,9 @@ class LoraPolicy:
         self.base_lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
         self.lr_schedule, self.grad_clip, self.temperature = lr_schedule, grad_clip, temperature
         self.step = 0
+        self.ema: list[torch.Tensor] | None = (
+            None  # SDPO's EMA teacher (trainable tensors), made on first use
+        )
 
     def _shard(self) -> None:
         """FSDP2 over the peft model: each decoder layer, then the root (embeddings, norm, lm_head)."""
@@ -173,18 +204,44 @@ class LoraPolicy:
             module.set_force_sum_reduction_for_comms(True)
 
     # ------------------------------------------------------------------ log-probs
-    def token_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        """[B, T] log π(y_t | x, y_<t) at the sampling temperature (differentiable; 0 at padding)."""
+    def response_logits(self, batch: PolicyBatch) -> torch.Tensor:
+        """[B, T, V] float32 logits predicting each response token (differentiable; raw, no temperature)."""
         input_ids = batch.input_ids.to(self.device)
         index = batch.response_index.to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(self.device)).logits
         # logits at position p − 1 predict the token at p
         prev = (index - 1).clamp_min(0)
-        picked = logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
-        logp = F.log_softmax(picked / self.temperature, dim=-1)
-        targets = input_ids.gather(1, index)
+        return logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
+
+    def _token_logp(self, logits: torch.Tensor, batch: PolicyBatch) -> torch.Tensor:
+        logp = F.log_softmax(logits / self.temperature, dim=-1)
+        targets = batch.input_ids.to(self.device).gather(1, batch.response_index.to(self.device))
         token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return token_logp * batch.response_mask.to(self.device)
+
+    def token_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        """[B, T] log π(y_t | x, y_<t) at the sampling temperature (differentiable; 0 at padding)."""
+        return self._token_logp(self.response_logits(batch), batch)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: PolicyBatch, *, ema: bool = False) -> torch.Tensor:
+        """[B, T, V] logits of the teacher at the response positions of ``batch`` (teacher-context sequences).
+
+        The teacher is this policy's current weights (OPSD: the actor), or with ``ema`` its EMA copy (SDPO),
+        swapped in for the forward and back out after it. Never differentiable.
+        """
+        if not ema:
+            return self.response_logits(batch).detach()
+        if self.ema is None:
+            self.ema = [p.detach().clone() for p in self.params]
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            for p, e in zip(self.params, self.ema, strict=True):
+                p.copy_(e)
+            return self.response_logits(batch).detach()
+        finally:
+            for p, s in zip(self.params, saved, strict=True):
+                p.copy_(s)
 
     @torch.no_grad()
     def old_logprobs(
@@ -220,6 +277,8 @@ class LoraPolicy:
         global_tokens: float | None = None,
         global_seqs: float | None = None,
         num_micro_batches: int | None = None,
+        teacher_batch: PolicyBatch | None = None,
+        distill: DistillSpec | None = None,
     ) -> UpdateStats:
         """One optimizer step over ``batch`` (gradient accumulated over micro-batches).
 
@@ -228,11 +287,20 @@ class LoraPolicy:
         Under FSDP the returned loss is this rank's share, clip_frac / approx_kl are over this rank's tokens
         (0 without any) and grad_norm is the global norm; ``num_micro_batches`` pads with dummy micro-batches
         so that every rank runs the same number of forwards and backwards.
+
+        With ``distill`` (OPSD / SDPO) ``teacher_batch`` holds, row for row, the same responses after the
+        teacher's r⁺ context; the distillation term is added per micro-batch (see :class:`DistillSpec`).
         """
         if advantages.shape != batch.response_mask.shape:
             raise ValueError(
                 f"advantages must have shape {tuple(batch.response_mask.shape)}, got {tuple(advantages.shape)}"
             )
+        if distill is not None:
+            if teacher_batch is None or len(teacher_batch) != len(batch):
+                got = "none" if teacher_batch is None else f"{len(teacher_batch)} rows"
+                raise ValueError(f"{distill.kind} needs a teacher batch of {len(batch)} rows, got {got}")
+            if not torch.equal(teacher_batch.response_mask, batch.response_mask):
+                raise ValueError("teacher_batch responses must match the batch's row for row")
         self.model.train()
         lr = lr_at(self.step, self.base_lr, self.total_steps, self.warmup_steps, self.lr_schedule)
         for group in self.optimizer.param_groups:
@@ -240,13 +308,16 @@ class LoraPolicy:
         tokens = float(batch.response_mask.sum()) if global_tokens is None else global_tokens
         seqs = float(len(batch)) if global_seqs is None else global_seqs
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = clip_sum = kl_sum = 0.0
+        loss_sum = clip_sum = kl_sum = distill_sum = 0.0
         starts = list(range(0, len(batch), micro_batch_size))
         total = max(len(starts), num_micro_batches or 0)
+        ema = distill is not None and distill.kind == "sdpo"
         for i in range(total):
             if self.fsdp:  # reduce-scatter the accumulated gradients once, after the last backward
                 self.model.set_requires_gradient_sync(i == total - 1)
             if i >= len(starts):
+                if distill is not None:  # the teacher forward's collectives too
+                    self.teacher_logits(_dummy_batch(), ema=ema)
                 (self.token_logprobs(_dummy_batch()).sum() * 0.0).backward()
                 continue
             start = starts[i]
@@ -259,20 +330,37 @@ class LoraPolicy:
                 micro.response_mask[:, :width],
                 micro.response_index[:, :width],
             )
+            mask = micro.response_mask.to(self.device)
+            teacher_logits = None
+            if distill is not None:  # first: an EMA swap must not touch weights a live graph has saved
+                t_micro = teacher_batch.rows(start, stop)
+                t_micro = PolicyBatch(
+                    t_micro.input_ids,
+                    t_micro.attention_mask,
+                    t_micro.response_mask[:, :width],
+                    t_micro.response_index[:, :width],
+                )
+                teacher_logits = self.teacher_logits(t_micro, ema=ema)
+            logits = self.response_logits(micro)
             out = ppo_clip_loss(
-                self.token_logprobs(micro),
+                self._token_logp(logits, micro),
                 old_logp[start:stop, :width].to(self.device),
                 advantages[start:stop, :width].to(self.device),
-                micro.response_mask.to(self.device),
+                mask,
                 clip_low,
                 clip_high,
                 loss_agg,
                 global_tokens=tokens,
                 global_seqs=seqs,
             )
-            out.loss.backward()
+            loss = out.loss
+            if distill is not None:
+                d_loss = distill.weight * self._distill_loss(distill, logits, teacher_logits, mask, tokens)
+                loss = (loss if distill.with_pg else 0.0 * loss) + d_loss
+                distill_sum += float(d_loss.detach())
+            loss.backward()
             n = float(micro.response_mask.sum())
-            loss_sum += float(out.loss.detach())
+            loss_sum += float(loss.detach())
             clip_sum += float(out.clip_frac) * n
             kl_sum += float(out.approx_kl) * n
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -280,8 +368,47 @@ class LoraPolicy:
             norm = norm.full_tensor()
         self.optimizer.step()
         self.step += 1
+        if ema:  # SDPO: θ_T ← β·θ_T + (1 − β)·θ, after every optimizer step (Table 7)
+            if self.ema is None:
+                self.ema = [p.detach().clone() for p in self.params]
+            keys = [str(i) for i in range(len(self.params))]
+            mixed = ema_update(
+                dict(zip(keys, self.ema, strict=True)),
+                {k: p.detach() for k, p in zip(keys, self.params, strict=True)},
+                distill.ema_decay,
+            )
+            self.ema = [mixed[k] for k in keys]
         n_tokens = max(float(batch.response_mask.sum()), 1.0)
-        return UpdateStats(loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr)
+        return UpdateStats(
+            loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr, distill_loss=distill_sum
+        )
+
+    def _distill_loss(
+        self,
+        spec: DistillSpec,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: torch.Tensor,
+        global_tokens: float,
+    ) -> torch.Tensor:
+        """The OPSD / SDPO term of one micro-batch, normalised by the global token count (token-mean)."""
+        if spec.kind == "opsd":
+            return opsd_loss(
+                student_logits,
+                teacher_logits,
+                mask,
+                temperature=self.temperature,
+                global_tokens=global_tokens,
+            )
+        return sdpo_loss(
+            student_logits,
+            teacher_logits,
+            mask,
+            alpha=spec.alpha,
+            temperature=self.temperature,
+            top_k=spec.top_k,
+            global_tokens=global_tokens,
+        )
 
     # ------------------------------------------------------------------ export
     def export_adapter(self, version: int) -> AdapterPayload | None:

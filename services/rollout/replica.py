@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from cepo import telemetry
 from cepo_proto.adapter import AdapterAck, AdapterPayload
 from cepo_proto.pipeline import GenerateRequest, Rollout, RolloutResult
 from services.rollout.engines import SamplingSpec, make_engine
@@ -18,12 +19,15 @@ class VersionMismatch(RuntimeError):
 class EngineReplica:
     """An engine with a name: loads adapters by version and says which one it serves."""
 
+    service = "rollout"  # the telemetry service label (TeacherReplica: "teacher")
+
     def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
         self.name = name
         self.engine = make_engine(backend, model_path, **engine_kwargs)
 
     def load_adapter(self, payload: AdapterPayload) -> AdapterAck:
         version, checksum = self.engine.load_adapter(payload)
+        telemetry.set_adapter_version(self.service, self.name, version)
         return AdapterAck(replica=self.name, version=version, checksum=checksum)
 
     def serving(self) -> tuple[int | None, str | None]:
@@ -35,6 +39,10 @@ class EngineReplica:
                 f"{self.name} serves adapter version {self.engine.version}, the step expects {expected}"
             )
 
+    def metrics_endpoint(self, port: int) -> tuple[str, int]:
+        """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
+        return telemetry.endpoint(port)
+
     def shutdown(self) -> None:
         self.engine.close()
 
@@ -43,6 +51,12 @@ class RolloutReplica(EngineReplica):
     """Use as ``ray.remote(num_cpus=…)(RolloutReplica).remote(name, backend, model_path, **engine_kwargs)``."""
 
     def generate(self, request: GenerateRequest) -> RolloutResult:
+        with telemetry.track_rollout(self.name) as tracked:
+            result = self._generate(request)
+            tracked.tokens = result.generated_tokens
+        return result
+
+    def _generate(self, request: GenerateRequest) -> RolloutResult:
         self.check_version(request.expected_version)
         start = time.perf_counter()
         spec = SamplingSpec(

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from cepo import telemetry
 from cepo_proto.pipeline import TeacherRequest, TeacherScores
 from services.rollout.replica import EngineReplica
 from services.teacher.sequences import build_teacher_sequence, teacher_context_ids
@@ -18,6 +19,8 @@ __all__ = ["TeacherReplica"]
 
 
 class TeacherReplica(EngineReplica):
+    service = "teacher"
+
     def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
         from transformers import AutoTokenizer
 
@@ -53,6 +56,12 @@ class TeacherReplica(EngineReplica):
         return pairs, where
 
     def score(self, request: TeacherRequest) -> TeacherScores:
+        with telemetry.track_teacher(self.name) as tracked:
+            scores = self._score(request)
+            tracked.tokens = scores.scored_tokens
+        return scores
+
+    def _score(self, request: TeacherRequest) -> TeacherScores:
         if request.expected_version is not None:  # None: the frozen reference teacher
             self.check_version(request.expected_version)
         start = time.perf_counter()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from cepo import telemetry
 from cepo_proto import Verdict
 from services.verifier.grader import Grader
 
@@ -17,7 +20,14 @@ class VerifierReplica:
         self.grader.warm_up()
 
     def grade_batch(self, responses: list[str], answers: list[str]) -> list[Verdict]:
-        return self.grader.grade_batch(responses, answers)
+        start = time.perf_counter()
+        verdicts = self.grader.grade_batch(responses, answers)
+        telemetry.observe_verdicts(self.name, verdicts, time.perf_counter() - start)
+        return verdicts
+
+    def metrics_endpoint(self, port: int) -> tuple[str, int]:
+        """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
+        return telemetry.endpoint(port)
 
     def shutdown(self) -> None:
         self.grader.close()

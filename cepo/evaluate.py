@@ -1,0 +1,101 @@
+"""``cepo eval``: held-out accuracy of a model (optionally with a LoRA adapter) outside a training run.
+
+One in-process engine (vLLM by default, transformers as the fallback) and one grader; the paper's sampling
+(§5: temperature 1.0, top-p 1.0, top-k 40, presence penalty 2.0) from the ``eval`` config section. Accuracy per
+suite is the mean over problems of the fraction of ``samples`` correct; its standard error is over problems.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cepo.config import RunConfig
+from cepo.report import mean_se
+
+__all__ = ["evaluate_model"]
+
+
+def evaluate_model(
+    cfg: RunConfig,
+    *,
+    adapter: Path | None = None,
+    backend: str = "vllm",
+    greedy: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``cfg.model.path`` (+ ``adapter``) on ``cfg.data.eval_suites``; returns per-suite results."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from cepo.run import eval_problems
+    from cepo_proto import AdapterPayload
+    from services.rollout.engines import SamplingSpec, make_engine
+    from services.teacher.sequences import chat_prompt_ids
+    from services.verifier.grader import Grader
+
+    console = console or Console(stderr=True)
+    if not cfg.data.eval_suites:
+        raise ValueError("no suites to evaluate: pass --suites or set data.eval_suites")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder)")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    suites = eval_problems(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    kwargs: dict[str, Any] = {"dtype": cfg.model.dtype, "seed": cfg.seed}
+    if backend == "vllm":
+        kwargs.update(
+            max_model_len=cfg.model.max_seq_len,
+            max_lora_rank=max(cfg.model.lora.rank, 8),
+            enforce_eager=cfg.rollout.enforce_eager,
+            kv_cache_gib=cfg.rollout.kv_cache_gib,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        )
+    ev = cfg.eval
+    with console.status(f"loading {cfg.model.path} ({backend})…"):
+        engine = make_engine(backend, cfg.model.path, **kwargs)
+    grader = Grader(timeout_s=cfg.verifier.timeout_s, max_chars=cfg.verifier.max_response_chars)
+    results: dict[str, Any] = {}
+    try:
+        if adapter is not None:
+            engine.load_adapter(AdapterPayload.from_dir(0, adapter))
+        for name, problems in suites.items():
+            prompts = [
+                chat_prompt_ids(tokenizer, cfg.data.prompt_template.format(problem=p.problem))
+                for p in problems
+            ]
+            result: dict[str, Any] = {"n": len(problems), "samples": cfg.data.eval_samples}
+            modes = [("sampled", cfg.data.eval_samples, ev.temperature)]
+            if greedy:
+                modes.append(("greedy", 1, 0.0))
+            for key, n, temperature in modes:
+                spec = SamplingSpec(
+                    n=n,
+                    temperature=temperature,
+                    top_p=ev.top_p,
+                    top_k=ev.top_k,
+                    max_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
+                    presence_penalty=ev.presence_penalty,
+                )
+                with console.status(f"{name}: {key}, {len(problems)} problems × {n}…"):
+                    groups = engine.generate(prompts, spec)
+                    per_problem = []
+                    for problem, group in zip(problems, groups, strict=True):
+                        verdicts = grader.grade_batch([c.text for c in group], [problem.answer] * len(group))
+                        per_problem.append(sum(v.correct for v in verdicts) / len(group))
+                result[key], result[f"{key}_se"] = mean_se(per_problem)
+            results[name] = result
+            line = f"{name:<16} {result['sampled']:.3f} ± {result['sampled_se']:.3f}"
+            if greedy:
+                line += f"   greedy {result['greedy']:.3f} ± {result['greedy_se']:.3f}"
+            console.print(line, highlight=False)
+    finally:
+        engine.close()
+        grader.close()
+    for key in ("sampled", "greedy") if greedy else ("sampled",):
+        values = [r[key] for r in results.values()]
+        results.setdefault("average", {})[key] = sum(values) / len(values)
+    return results

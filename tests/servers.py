@@ -1,0 +1,185 @@
+"""Real servers for tests: redis-server and prometheus from Debian, started on free local ports.
+
+Missing binaries are an error, never a skip: CI installs them (``apt-get install redis-server prometheus``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REDIS_SERVER = "/usr/bin/redis-server"
+PROMETHEUS = "/usr/bin/prometheus"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.5, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); TimeoutError(what) after timeout_s.
+    Exceptions raised by the predicate count as "not yet"."""
+    deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except Exception as exc:
+            last_error = exc
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error!r})" if last_error is not None else ""
+            raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}{detail}")
+        time.sleep(interval_s)
+
+
+def _require(binary: str, package: str) -> str:
+    if os.access(binary, os.X_OK):
+        return binary
+    found = shutil.which(Path(binary).name)
+    if found:
+        return found
+    raise RuntimeError(
+        f"{binary} not found: install the Debian package '{package}' (apt-get install -y {package})"
+    )
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace_s)
+
+
+def _start(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("wb")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()  # the child holds its own descriptor
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """A throw-away redis-server (no persistence) on a free port; yields ``redis://127.0.0.1:PORT/0``."""
+    import redis
+
+    binary = _require(REDIS_SERVER, "redis-server")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "redis-server.log"
+    cmd = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(workdir),
+        "--daemonize", "no",
+        "--protected-mode", "yes",
+    ]  # fmt: skip
+    proc = _start(cmd, log_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+
+        try:
+            wait_for(ready, 20.0, 0.1, what=f"redis-server on port {port} to answer PING")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+        yield url
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def prometheus_server(config_text: str, workdir: Path) -> Iterator[str]:
+    """Prometheus with ``config_text`` as prometheus.yml on a free port; yields ``http://127.0.0.1:PORT``."""
+    binary = _require(PROMETHEUS, "prometheus")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "prometheus.yml"
+    config.write_text(config_text)
+    port = free_port()
+    log_path = workdir / "prometheus.log"
+    cmd = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    proc = _start(cmd, log_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with code {proc.returncode}")
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:
+                return resp.status == 200
+
+        try:
+            wait_for(ready, 60.0, 0.25, what=f"prometheus on port {port} to report /-/ready")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+        yield base
+    finally:
+        _stop(proc)
+
+
+def prometheus_query(base_url: str, expr: str) -> list[dict]:
+    """Instant query ``expr`` against Prometheus at ``base_url``; returns ``data.result``."""
+    url = f"{base_url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # 400/422 carry a JSON error body
+        raw = exc.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise RuntimeError(f"prometheus query {expr!r} failed: HTTP {exc.code}: {raw[:500]!r}") from exc
+    if body.get("status") != "success":
+        raise RuntimeError(
+            f"prometheus query {expr!r} failed: {body.get('errorType', '?')}: {body.get('error', body)}"
+        )
+    return body["data"]["result"]

@@ -1,0 +1,304 @@
+"""``cepo plot`` and the ``cepo compare`` report, on synthetic run folders (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from cepo.plots import FIG_DPI, FIG_SIZE, cli_plot, evidence_note, load_eval, load_metrics, plot_run
+from cepo.report import auc, collect, mean_se, plot_curves, plot_delta, table_markdown, write_report
+
+SUITES = ("test", "long")
+PNG_SIZE = (int(FIG_SIZE[0] * FIG_DPI), int(FIG_SIZE[1] * FIG_DPI))
+
+
+def write_run(
+    root: Path,
+    method: str,
+    seed: int,
+    *,
+    steps: int = 4,
+    final: dict[str, float] | None = None,
+    base: dict[str, float] | None = None,
+    greedy: float = 0.9,
+    eval_every: int = 2,
+    delta: tuple[float, float] | None = None,
+    finished: bool = True,
+) -> Path:
+    """A run folder as the trainer writes it: held-out accuracy moves linearly from ``base`` to ``final``."""
+    run = root / method / f"seed{seed}"
+    run.mkdir(parents=True)
+    run.joinpath("config.yaml").write_text(
+        f"name: {method}-s{seed}\nseed: {seed}\nalgorithm:\n  method: {method}\n  steps: {steps}\n"
+    )
+    final = final or dict.fromkeys(SUITES, 0.5)
+    base = base or dict.fromkeys(SUITES, 0.2)
+    if delta is None:
+        delta = (0.0, 0.0) if method == "grpo" else (0.3, 0.1)
+    with run.joinpath("metrics.jsonl").open("w") as fh:
+        for i in range(steps):
+            row = {
+                "step": i,
+                "policy_version": i + 1,
+                "method": method,
+                "lam": 0.5,
+                "reward_mean": 0.3 + 0.05 * i,
+                "accuracy": 0.3 + 0.05 * i,
+                "zero_variance_groups": 1,
+                "groups": 4,
+                "tokens": 1000,
+                "stage_seconds": {"gen": 1.0, "teacher": 0.5 if method != "grpo" else 0.0, "update": 2.0},
+                "step_seconds": 3.6,
+                "tokens_per_s": 300.0,
+                "delta_pos_frac": delta[0],
+                "delta_neg_frac": delta[1] + 0.01 * i * (delta[1] > 0),
+                "weight_clip_frac": 0.02 if method != "grpo" else 0.0,
+                "abs_adv_before": 0.4,
+                "abs_adv_after": 0.45,
+                "negatives_found": 3,
+                "loss": 0.1,
+                "grad_norm": 1.0,
+                "ppo_clip_frac": 0.01,
+                "lr": 1e-5,
+            }
+            fh.write(json.dumps(row) + "\n")
+    points = sorted({*range(0, steps + 1, eval_every), steps})
+    last: dict[str, float] = {}
+    with run.joinpath("eval.jsonl").open("w") as fh:
+        for st in points:
+            for suite in SUITES:
+                acc = base[suite] + (final[suite] - base[suite]) * st / steps
+                g = greedy if st else 0.8
+                line = {"step": st, "policy_version": st, "suite": suite, "sampled": acc, "sampled_se": 0.03}
+                line |= {"greedy": g, "greedy_se": 0.02, "n": 200, "samples": 1}
+                fh.write(json.dumps(line) + "\n")
+                last[suite] = acc
+    if finished:
+        trained = dict(last, average=sum(last.values()) / len(last))
+        summary = {
+            "method": method,
+            "steps": steps,
+            "base": dict(base, average=sum(base.values()) / len(base)),
+            "trained": trained,
+            "base_greedy": dict.fromkeys([*SUITES, "average"], 0.8),
+            "trained_greedy": dict.fromkeys([*SUITES, "average"], greedy),
+        }
+        run.joinpath("summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def assert_png(path: Path, size: tuple[int, int] = PNG_SIZE) -> None:
+    assert path.exists() and path.stat().st_size > 0, path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == size
+        im.verify()
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def test_mean_se_by_hand():
+    assert mean_se([0.4]) == (0.4, 0.0)
+    m, se = mean_se([0.4, 0.5])
+    assert m == pytest.approx(0.45) and se == pytest.approx(0.05)  # std √0.005, / √2
+    m, se = mean_se([1.0, 2.0, 3.0, 6.0])
+    assert m == pytest.approx(3.0) and se == pytest.approx(math.sqrt(14 / 3) / 2)
+    with pytest.raises(ValueError):
+        mean_se([])
+
+
+def test_auc_by_hand():
+    # a constant curve: its AUC is the constant
+    assert auc([(0, 0.3), (10, 0.3)], 10) == pytest.approx(0.3)
+    # 0 → 1 linearly over 10 steps: mean 0.5; order of the points does not matter
+    assert auc([(10, 1.0), (0, 0.0)], 10) == pytest.approx(0.5)
+    # two trapezoids: [0, 2] mean 0.2, [2, 6] mean 0.6 → (2·0.2 + 4·0.6) / 6
+    assert auc([(0, 0.0), (2, 0.4), (6, 0.8)], 6) == pytest.approx((0.4 + 2.4) / 6)
+    # horizon between points: interpolate at 5 (0.5 on the segment 0.4 → 0.8 from 2 to 6 gives 0.7)
+    want = (2 * 0.2 + 3 * (0.4 + 0.7) / 2) / 5
+    assert auc([(0, 0.0), (2, 0.4), (6, 0.8), (8, 0.0)], 5) == pytest.approx(want)
+    # points beyond the horizon are ignored
+    assert auc([(0, 0.2), (4, 0.6), (9, 0.0)], 4) == pytest.approx(0.4)
+
+
+def test_auc_errors():
+    with pytest.raises(ValueError, match="step 0"):
+        auc([(2, 0.4), (6, 0.8)], 4)
+    with pytest.raises(ValueError, match="step 0"):
+        auc([], 4)
+    with pytest.raises(ValueError, match="before the horizon"):
+        auc([(0, 0.4), (2, 0.8)], 4)
+    with pytest.raises(ValueError, match="positive"):
+        auc([(0, 0.4), (2, 0.8)], 0)
+
+
+# ----------------------------------------------------------------------------------------------- plot_run
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    run = write_run(tmp_path, "cepo", 1)
+    text = run.joinpath("metrics.jsonl").read_text().splitlines()
+    text[2] = text[2][:-5]  # truncated JSON on line 3
+    run.joinpath("metrics.jsonl").write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 3"):
+        load_metrics(run)
+    run.joinpath("eval.jsonl").write_text('{"step": 0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"eval\.jsonl: line 2"):
+        load_eval(run)
+    with pytest.raises(ValueError, match="line 3"):
+        plot_run(run)
+
+
+def test_loaders_missing_files(tmp_path):
+    assert load_metrics(tmp_path) == [] and load_eval(tmp_path) == []
+
+
+def test_plot_run_missing_or_empty_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "metrics.jsonl")):
+        plot_run(tmp_path)
+    tmp_path.joinpath("metrics.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no steps"):
+        plot_run(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["cepo", "grpo"])
+def test_plot_run(tmp_path, method):
+    run = write_run(tmp_path, method, 1, steps=6)
+    paths = plot_run(run)
+    names = ["reward_accuracy.png", "delta_fractions.png", "clip_rate.png", "timing.png"]
+    assert [p.name for p in paths] == names
+    for p in paths:
+        assert p.parent == run / "plots"
+        assert_png(p)
+    note = evidence_note(load_metrics(run), method)
+    assert note == ("no teacher evidence (method grpo)" if method == "grpo" else None)
+
+
+def test_plot_run_without_eval_and_cli(tmp_path):
+    run = write_run(tmp_path, "rlsd", 1, steps=1, finished=False)
+    run.joinpath("eval.jsonl").unlink()
+    out = tmp_path / "figs"
+    console = Console(record=True, width=400)
+    paths = cli_plot(run, out, console)
+    assert len(paths) == 4 and all(p.parent == out for p in paths)
+    for p in paths:
+        assert_png(p)
+    printed = console.export_text()
+    assert all(str(p) in printed for p in paths)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """grpo seeds at average 0.40 / 0.50, cepo at 0.60 / 0.70, rlsd seed 2 unfinished, sdpo absent."""
+    for seed, acc in ((1, 0.40), (2, 0.50)):
+        write_run(tmp_path, "grpo", seed, final=dict.fromkeys(SUITES, acc), greedy=0.85)
+    write_run(tmp_path, "cepo", 1, final={"test": 0.7, "long": 0.5}, greedy=0.95)
+    write_run(tmp_path, "cepo", 2, final={"test": 0.8, "long": 0.6}, greedy=0.93)
+    write_run(tmp_path, "rlsd", 1, final=dict.fromkeys(SUITES, 0.52), base=dict.fromkeys(SUITES, 0.26))
+    write_run(tmp_path, "rlsd", 2, base=dict.fromkeys(SUITES, 0.26), finished=False)
+    tmp_path.joinpath("compare.json").write_text('{"argv": ["cepo", "compare"]}')
+    return tmp_path
+
+
+METHODS = ["grpo", "sdpo", "rlsd", "cepo"]
+
+
+def test_collect_numbers(out_dir):
+    r = collect(out_dir, METHODS, 2)
+    assert r["suites"] == list(SUITES) and r["horizon"] == 2 and r["steps"] == [4]
+    assert r["samples"] == [1] and r["n"] == [200]
+    grpo = r["aggregate"]["grpo"]
+    assert grpo["seeds"] == 2
+    assert grpo["sampled"]["average"]["mean"] == pytest.approx(0.45)
+    assert grpo["sampled"]["average"]["se"] == pytest.approx(0.05)
+    assert grpo["greedy"]["average"]["mean"] == pytest.approx(0.85)
+    cepo = r["aggregate"]["cepo"]
+    assert cepo["sampled"]["test"]["mean"] == pytest.approx(0.75)
+    assert cepo["sampled"]["average"]["mean"] == pytest.approx(0.65)
+    # AUC@2 for cepo seed 1: average goes 0.2 → 0.6 over 4 steps, so over [0, 2] it averages 0.3
+    assert r["runs"]["cepo"]["1"]["auc"] == pytest.approx(0.3)
+    assert r["runs"]["grpo"]["1"]["curve"] == [
+        [0, pytest.approx(0.2)],
+        [2, pytest.approx(0.3)],
+        [4, pytest.approx(0.4)],
+    ]
+    # base: step 0 of every run found, the unfinished rlsd seed 2 included (4 runs at 0.2, 2 at 0.26)
+    assert r["base"]["runs"] == 6
+    assert r["base"]["sampled"]["average"]["mean"] == pytest.approx((4 * 0.2 + 2 * 0.26) / 6)
+    assert r["base"]["greedy"]["average"]["mean"] == pytest.approx(0.8)
+    missing = {(m["method"], m["seed"]): m["reason"] for m in r["missing"]}
+    assert set(missing) == {("sdpo", 1), ("sdpo", 2), ("rlsd", 2)}
+    assert "unfinished" in missing[("rlsd", 2)] and "no run folder" in missing[("sdpo", 1)]
+    assert r["aggregate"]["sdpo"]["seeds"] == 0 and r["aggregate"]["rlsd"]["seeds"] == 1
+    delta = r["aggregate"]["cepo"]["delta"]
+    assert [d["step"] for d in delta] == [0, 1, 2, 3] and delta[0]["pos"] == pytest.approx(0.3)
+    assert delta[3]["neg"] == pytest.approx(0.13)
+    json.dumps(r)  # plain JSON
+    assert collect(out_dir, ["grpo"], [1], horizon=4)["runs"]["grpo"]["1"]["auc"] == pytest.approx(0.3)
+
+
+def test_collect_checks_summary_against_eval(out_dir):
+    run = out_dir / "grpo" / "seed1"
+    summary = json.loads(run.joinpath("summary.json").read_text())
+    summary["trained"]["test"] = 0.99
+    run.joinpath("summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"summary\.json"):
+        collect(out_dir, ["grpo"], [1])
+
+
+def test_table_markdown(out_dir):
+    r = collect(out_dir, METHODS, 2)
+    table = table_markdown(r)
+    main, efficiency = table.split("**Sample efficiency.**")
+    lines = main.splitlines()
+    header = next(line for line in lines if line.startswith("| Method"))
+    assert header == "| Method | test | long | Average | Greedy avg | AUC@2 |"
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert list(rows)[:6] == ["Method", "---", "Base", "GRPO", "SDPO", "RLSD"]
+    assert "| 45.0 ± 5.0 | 45.0 ± 5.0 | 45.0 ± 5.0 | 85.0 ± 0.0 |" in rows["GRPO"]
+    base_avg = 100 * (4 * 0.2 + 2 * 0.26) / 6
+    assert rows["Base"].startswith("| Base |") and f"{base_avg:.1f} ± " in rows["Base"]
+    # the best method mean of each column is bold, and only there
+    assert "**75.0 ± 5.0**" in rows["CEPO"] and "**65.0 ± 5.0**" in rows["CEPO"]
+    assert "**94.0 ± 1.0**" in rows["CEPO"] and "**" not in rows["GRPO"] and "**" not in rows["Base"]
+    assert "**55.0 ± 5.0**" in rows["CEPO"]  # long: cepo 0.5 / 0.6 beats rlsd 0.52
+    # AUC@2: rlsd climbs 0.26 → 0.39 over steps 0–2 (32.5), cepo 0.2 → 0.4 / 0.45 (30.0 / 32.5)
+    assert rows["RLSD"].endswith("| **32.5 ± 0.0** |") and rows["CEPO"].endswith(
+        "| {:.1f} ± {:.1f} |".format(*(100 * x for x in mean_se([0.3, 0.325])))
+    )
+    assert rows["SDPO"].count("—") == 5
+    assert "2 seeds" in table and "4 training steps" in table and "1 sample per problem" in table
+    assert "AUC@2" in table and "steps 0–2" in table
+    # sample-efficiency table: one column per evaluated step
+    assert "| Method | step 0 | step 2 | step 4 |" in efficiency
+    assert "| GRPO | 20.0 ± 0.0 | 32.5 ± 2.5 | 45.0 ± 5.0 |" in efficiency
+    assert "rlsd/seed2: unfinished" in table and "sdpo/seed1: no run folder" in table
+
+
+def test_report_figures_and_files(out_dir):
+    paths = write_report(out_dir, METHODS, [1, 2])
+    assert set(paths) == {"table", "figure1", "figure4", "results"}
+    assert paths["table"].read_text().startswith("**Table 2.**")
+    assert_png(paths["figure1"])
+    assert_png(paths["figure4"], (12 * FIG_DPI, PNG_SIZE[1]))
+    results = json.loads(paths["results"].read_text())
+    assert results["aggregate"]["grpo"]["sampled"]["average"]["mean"] == pytest.approx(0.45)
+    assert table_markdown(results) == paths["table"].read_text()  # the table can be rebuilt from results.json
+
+
+def test_report_with_nothing_finished(tmp_path):
+    write_run(tmp_path, "cepo", 1, finished=False)
+    r = collect(tmp_path, ["cepo"], 1)
+    assert r["horizon"] is None and r["base"]["runs"] == 1 and len(r["missing"]) == 1
+    assert "| CEPO | — | — | — | — | — |" in table_markdown(r)
+    assert_png(plot_curves(r, tmp_path / "f1.png"))
+    assert_png(plot_delta(r, tmp_path / "f4.png"), (12 * FIG_DPI, PNG_SIZE[1]))
