@@ -246,6 +246,13 @@ def inspect(
         raise typer.Exit(2) from None
 
 
+def _table_console() -> Console:
+    """Tables keep their columns when piped (rich would assume 80 columns without a terminal)."""
+    import sys
+
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
 RedisOption = Annotated[
     str | None,
     typer.Option("--redis", envvar="CEPO_REDIS_URL", help="Redis URL of the ledger (default: run folders)."),
@@ -263,7 +270,7 @@ def runs_list(
     from cepo.ledger import LedgerError, cli_list
 
     try:
-        cli_list(redis, root, limit, Console(soft_wrap=True))
+        cli_list(redis, root, limit, _table_console())
     except LedgerError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -280,7 +287,7 @@ def runs_show(
     from cepo.ledger import LedgerError, cli_show
 
     try:
-        cli_show(run, redis, root, steps, Console(soft_wrap=True))
+        cli_show(run, redis, root, steps, _table_console())
     except LedgerError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

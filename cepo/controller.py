@@ -127,6 +127,10 @@ class Trainer:
         self.checksum = ""
         self.teacher_version: int | None = None
         self._started = False
+        self.ledger = None
+        self._ledger_open = False  # a ledger record was started and not yet finished
+        # the run's id in the ledger and in Prometheus target labels: name + start time, unique per run
+        self.run_id = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
     # ------------------------------------------------------------------------------------------ set-up
     def start(self) -> None:
@@ -140,8 +144,23 @@ class Trainer:
         from services.verifier.replica import VerifierReplica
 
         cfg = self.cfg
+        # a configured but unreachable Redis is an error now, before any service starts
+        self.ledger = None
+        if cfg.logging.redis_url:
+            from cepo.ledger import RunLedger
+
+            self.ledger = RunLedger(cfg.logging.redis_url)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.ledger is not None:
+            self.ledger.start_run(
+                self.run_id,
+                name=cfg.name,
+                method=cfg.algorithm.method,
+                config=cfg.model_dump(mode="json"),
+                run_dir=str(self.run_dir.resolve()),
+            )
+            self._ledger_open = True
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -207,8 +226,34 @@ class Trainer:
             timeout_s=cfg.resources.call_timeout_s,
         )
         self._started = True
+        self._serve_metrics()
         # Version 0: the learner's initial adapter (LoRA B = 0, i.e. exactly the base policy), served everywhere.
         self._broadcast(0, include_teacher=cfg.teacher.source != "reference")
+
+    def _serve_metrics(self) -> None:
+        """Start every service's /metrics endpoint (``logging.metrics_port``) and list them for Prometheus."""
+        from cepo import telemetry
+
+        base = self.cfg.logging.metrics_port
+        if base is None:
+            return
+        host, port = telemetry.endpoint(telemetry.service_port(base, "controller"))
+        targets = [{"service": "controller", "host": host, "port": port, "replica": "controller"}]
+        named = [
+            *(("rollout", i, name, actor) for i, (name, actor) in enumerate(self.rollout.items())),
+            *(("teacher", i, name, actor) for i, (name, actor) in enumerate(self.teacher.items())),
+            *(("verifier", i, f"verifier-{i}", actor) for i, actor in enumerate(self.verifier)),
+        ]
+        refs = [actor.metrics_endpoint.remote(telemetry.service_port(base, s, i)) for s, i, _, actor in named]
+        for (service, _, name, _), (h, p) in zip(named, self._call(refs), strict=True):
+            targets.append({"service": service, "host": h, "port": p, "replica": name})
+        ports = [telemetry.service_port(base, "learner", r) for r in range(self.cfg.learner.ranks)]
+        for r, (h, p) in enumerate(self.learner.metrics_endpoints(ports)):
+            targets.append({"service": "learner", "host": h, "port": p, "replica": f"rank-{r}"})
+        for target in targets:
+            target["run"] = self.run_id
+        self.metrics_targets = targets
+        telemetry.write_prometheus_targets(self.run_dir / "prometheus_targets.json", targets)
 
     def _engine_kwargs(self) -> Callable[[str, int], dict[str, Any]]:
         cfg = self.cfg
@@ -596,6 +641,23 @@ class Trainer:
         )
         with self.metrics_path.open("a") as fh:
             fh.write(report.model_dump_json() + "\n")
+        if self.cfg.logging.metrics_port is not None:
+            from cepo import telemetry
+
+            telemetry.observe_step(report)
+        if self.ledger is not None:
+            keep = self.cfg.logging.samples_per_step
+            samples = [
+                {
+                    "prompt": batch.prompt_texts[r.prompt_index],
+                    "response": r.text,
+                    "answer": problems[r.prompt_index].answer,
+                    "reward": v.reward,
+                    "correct": v.correct,
+                }
+                for r, v in list(zip(batch.rollouts, verdicts, strict=True))[:keep]
+            ]
+            self.ledger.record_step(self.run_id, report.model_dump(mode="json"), samples)
         self.step_index = next_step
         if next_step % cfg.logging.checkpoint_every == 0:
             self.checkpoint()
@@ -645,6 +707,8 @@ class Trainer:
         latest = self.run_dir / "adapter"
         shutil.rmtree(latest, ignore_errors=True)
         shutil.copytree(final / "adapter", latest)
+        if self.ledger is not None:
+            self.ledger.add_checkpoint(self.run_id, self.step_index, str(final.resolve()))
         return final
 
     def evaluate(
@@ -684,9 +748,21 @@ class Trainer:
             result["greedy"], result["greedy_se"] = accuracy(1, 0.0)
         return result
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Stop every service; the ledger records how the run ended (``error``: what stopped it, if anything)."""
         import ray
 
+        if self._ledger_open:
+            self._ledger_open = False
+            status = "finished" if error is None else "failed"
+            if isinstance(error, KeyboardInterrupt):
+                status = "interrupted"
+            try:
+                self.ledger.finish(
+                    self.run_id, status, None if error is None else f"{type(error).__name__}: {error}"
+                )
+            except Exception as exc:  # the run folder still holds everything
+                self.log(f"ledger: could not record the end of the run: {exc}")
         if not self._started:
             return
         for actor in [*self.rollout.values(), *self.teacher.values(), *self.verifier]:

@@ -103,6 +103,7 @@ def train(
                 console.print(f"held-out after {steps_done} steps: {line}", highlight=False)
         return evaluated[steps_done]
 
+    error: BaseException | None = None
     try:
         with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
             started = time.perf_counter()
@@ -112,10 +113,14 @@ def train(
         every = cfg.eval.every if suites else 0
         reports = trainer.train(steps, every=every, callback=evaluate if every else None)
         trained = evaluate(trainer.step_index)  # already done when the last step was an evaluation step
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        trainer.close()
+        trainer.close(error)
     summary = {
         "run_dir": str(run_dir),
+        "run_id": trainer.run_id,
         "method": cfg.algorithm.method,
         "seed": cfg.seed,
         "steps": len(reports),

@@ -183,3 +183,33 @@ def prometheus_query(base_url: str, expr: str) -> list[dict]:
             f"prometheus query {expr!r} failed: {body.get('errorType', '?')}: {body.get('error', body)}"
         )
     return body["data"]["result"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """Run headless Chromium (Debian's ``chromium``) once with ``args``; fail clearly when it is missing."""
+    if not CHROMIUM.exists():
+        raise RuntimeError(
+            "Chromium is required for the heatmap tests: install the Debian package `chromium` "
+            "(apt-get install chromium), which provides /usr/bin/chromium"
+        )
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env = {**os.environ, "HOME": str(home)}
+    cmd = [
+        str(CHROMIUM),
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp / 'profile'}",
+        *args,
+    ]
+    # stderr carries harmless dbus complaints on this machine; only the exit status and stdout matter
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
+    return proc

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import chromium
 
 from cepo.inspect import (
     StepFormatError,
@@ -26,7 +25,6 @@ from cepo.inspect import (
     write_heatmap,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 F32_MAX = float(np.finfo(np.float32).max)
 L = math.log
 
@@ -406,32 +404,6 @@ class _Dom(HTMLParser):
                 node["_text"] += data
 
 
-def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
-    if not CHROMIUM.exists():
-        pytest.fail(
-            "Chromium is required for the heatmap test: install the Debian package `chromium` "
-            "(apt-get install chromium), which provides /usr/bin/chromium"
-        )
-    home = tmp / "home"
-    home.mkdir(exist_ok=True)
-    env = {**os.environ, "HOME": str(home)}
-    cmd = [
-        str(CHROMIUM),
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp / 'profile'}",
-        *args,
-    ]
-    # stderr carries harmless dbus complaints on this machine; only the exit status and stdout matter
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return proc
-
-
 def _rgb(style: str) -> tuple[int, int, int]:
     match = re.search(r"background-color:\s*rgb\((\d+),\s*(\d+),\s*(\d+)\)", style)
     assert match, f"no rgb background in style {style!r}"
@@ -479,7 +451,7 @@ PROBE = """<script>
 </body>"""
 
 
-def test_heatmap_in_chromium(tmp_path):
+def test_heatmap_inchromium(tmp_path):
     data = _synthetic_step()
     run = tmp_path / "run"
     _write_steps(run, {3: data})
@@ -491,7 +463,7 @@ def test_heatmap_in_chromium(tmp_path):
     assert page.count("</body>") == 1
     probe_path.write_text(page.replace("</body>", PROBE))
     dom = _Dom()
-    dom.feed(_chromium("--dump-dom", probe_path.as_uri(), tmp=tmp_path).stdout)
+    dom.feed(chromium("--dump-dom", probe_path.as_uri(), tmp=tmp_path).stdout)
     dom.close()
 
     scored = [r for r in data["rollouts"] if r["scored"]]
@@ -549,7 +521,7 @@ def test_heatmap_in_chromium(tmp_path):
 
     # 2. a screenshot of the real page: both colours are on screen
     shot = tmp_path / "shot.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1200,2000", page_path.as_uri(), tmp=tmp_path)
+    chromium(f"--screenshot={shot}", "--window-size=1200,2000", page_path.as_uri(), tmp=tmp_path)
     from PIL import Image
 
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
