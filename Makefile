@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # cpu (default) or gpu: which torch + vLLM build to install.
 EXTRA  ?= cpu
 
-.PHONY: setup run test lint fmt clean
+.PHONY: setup system-deps run test lint fmt clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,17 @@ run: setup
 	$(BIN)/cepo bootstrap
 	$(BIN)/cepo train --config configs/tiny.yaml $(RUN_ARGS)
 
-test: setup
+# Debian packages the tests start for real: Redis (run ledger), Prometheus (dashboards), Chromium (heatmap).
+# Each binary has the name of its package; only missing ones are installed.
+system-deps:
+	@missing=""; for p in redis-server prometheus chromium; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -152,6 +152,7 @@ def eval_(
     size: Annotated[int | None, typer.Option(min=1, help="Problems per suite.")] = None,
     greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Also report greedy accuracy.")] = True,
     backend: Annotated[str, typer.Option(help="vllm or transformers.")] = "vllm",
+    out: Annotated[Path | None, typer.Option(help="Also write the results here (JSON).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -178,6 +179,8 @@ def eval_(
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
 

@@ -95,7 +95,9 @@ def evaluate_model(
     finally:
         engine.close()
         grader.close()
-    for key in ("sampled", "greedy") if greedy else ("sampled",):
-        values = [r[key] for r in results.values()]
-        results.setdefault("average", {})[key] = sum(values) / len(values)
+    per_suite = list(results.values())
+    results["average"] = {
+        key: sum(r[key] for r in per_suite) / len(per_suite)
+        for key in (("sampled", "greedy") if greedy else ("sampled",))
+    }
     return results

@@ -169,7 +169,11 @@ scrape_configs:
     assert {"prompt", "response", "answer", "reward", "correct"} <= set(steps[0]["samples"][0])
     env = {**os.environ, "CEPO_REDIS_URL": redis_url}
     listed = subprocess.run(
-        [sys.executable, "-m", "cepo.cli", "runs", "list"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "cepo.cli", "runs", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert trainer.run_id[:20] in listed.stdout
 
@@ -183,4 +187,8 @@ scrape_configs:
     assert scored_tokens > 0 and len(spans.weights) == 2 * scored_tokens  # a CEPO line and an RLSD line
     assert any(abs(w - 1.0) > 1e-6 for w in spans.weights)  # some token was credited or blamed
 
-    assert {p.name for p in plot_run(run_dir)} >= {"reward_accuracy.png", "delta_fractions.png", "clip_rate.png"}
+    assert {p.name for p in plot_run(run_dir)} >= {
+        "reward_accuracy.png",
+        "delta_fractions.png",
+        "clip_rate.png",
+    }

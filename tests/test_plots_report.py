@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -302,3 +303,46 @@ def test_report_with_nothing_finished(tmp_path):
     assert "| CEPO | — | — | — | — | — |" in table_markdown(r)
     assert_png(plot_curves(r, tmp_path / "f1.png"))
     assert_png(plot_delta(r, tmp_path / "f4.png"), (12 * FIG_DPI, PNG_SIZE[1]))
+
+
+def test_compare_keeps_finished_runs_and_redoes_unfinished_ones(tmp_path, monkeypatch):
+    """`cepo compare` resumes: finished (method, seed) runs are kept, an interrupted one starts over.
+
+    Training itself is replaced by a writer of finished run folders here; the real training path runs in
+    test_train_cli.py and test_methods_pipeline.py.
+    """
+    import cepo.run
+    from cepo.compare import parse_methods, run_compare
+    from cepo.config import load_config
+
+    out = tmp_path / "cmp"
+    write_run(out, "grpo", 1)
+    write_run(out, "cepo", 1)
+    stale = out / "cepo" / "seed2"
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text('{"step": 0}\n')  # interrupted: no summary.json
+    trained = []
+
+    def fake_train(cfg, run_dir, *, steps=None, console=None):
+        trained.append((cfg.algorithm.method, cfg.seed, cfg.data.seed, run_dir.name))
+        assert not run_dir.exists()  # the interrupted folder was cleared first
+        write_run(out, cfg.algorithm.method, cfg.seed)
+
+    monkeypatch.setattr(cepo.run, "train", fake_train)
+    cfg = load_config(None, ["data.source=arithmetic"])
+    console = Console(file=io.StringIO(), width=200)
+    paths = run_compare(cfg, out, ["grpo", "cepo"], 2, command="cepo compare …", console=console)
+    assert trained == [("grpo", 2, 2, "seed2"), ("cepo", 2, 2, "seed2")]
+    assert paths["table"].read_text().count("± ") > 0 and paths["figure1"].is_file()
+    assert json.loads((out / "compare.json").read_text())["command"] == "cepo compare …"
+
+    trained.clear()  # a second invocation redoes nothing
+    run_compare(cfg, out, ["grpo", "cepo"], 2, console=console)
+    assert trained == []
+    other = load_config(None, ["data.source=arithmetic", "algorithm.eps_w=0.2"])
+    with pytest.raises(ValueError, match="another configuration"):
+        run_compare(other, out, ["grpo", "cepo"], 2, console=console)
+    with pytest.raises(ValueError, match="unknown"):
+        parse_methods("grpo,ppo")
+    with pytest.raises(ValueError, match="twice"):
+        parse_methods("grpo,grpo")

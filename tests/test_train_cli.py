@@ -63,3 +63,43 @@ def test_cepo_train_end_to_end(tiny_model_dir, tmp_path):
     finally:
         del llm
         gc.collect()
+
+
+def test_cepo_eval_reports_accuracy_and_standard_error(tiny_model_dir, tmp_path):
+    """`cepo eval` through vLLM: per-suite sampled and greedy accuracy ± standard error, and the average."""
+    cmd = [
+        sys.executable, "-m", "cepo.cli", "eval", "--config", str(REPO / "configs" / "tiny.yaml"),
+        "--model", str(tiny_model_dir), "--suites", "test,unseen_mix", "--size", "12", "--samples", "2",
+        "--out", str(tmp_path / "eval.json"),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())  # stdout also carries vLLM's log lines
+    assert set(results) == {"test", "unseen_mix", "average"}
+    for suite in ("test", "unseen_mix"):
+        r = results[suite]
+        assert r["n"] == 12 and r["samples"] == 2
+        assert 0.0 <= r["sampled"] <= 1.0 and 0.0 <= r["greedy"] <= 1.0
+        assert r["sampled_se"] >= 0.0
+        # a problem's score is a multiple of 1/2 with two samples, the mean a multiple of 1/24
+        assert abs(r["sampled"] * 24 - round(r["sampled"] * 24)) < 1e-9
+    assert results["test"]["greedy"] > 0.5  # the tiny policy is right ~90 % greedy on its own task's shape
+    assert results["average"]["sampled"] == pytest.approx(
+        (results["test"]["sampled"] + results["unseen_mix"]["sampled"]) / 2
+    )
+
+
+def test_cepo_eval_rejects_bad_arguments(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cepo.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path)])
+    assert done.exit_code == 2 and "no suites to evaluate" in done.output
+    done = runner.invoke(
+        app, ["eval", "--model", str(tiny_model_dir), "--suites", "test", "--adapter", str(tmp_path)]
+    )
+    assert done.exit_code == 2 and "no adapter_config.json" in done.output
+    done = runner.invoke(app, ["eval", "--suites", "test", "--backend", "tgi"])
+    assert done.exit_code == 2 and "allowed: vllm, transformers" in done.output
