@@ -44,7 +44,7 @@ __all__ = [
     "write_heatmap",
 ]
 
-# The float32 range: torch.nan_to_num maps ±inf there in the learner's _evidence_delta, and so do we.
+# The float32 range: where the learner's evidence_delta maps a one-sided ±inf.
 _F32_MAX = float(np.finfo(np.float32).max)
 # A stored weight this close to 1 ± ε_w counts as clipped (writers may round through float32).
 _CLIP_TOL = 1e-6
@@ -75,17 +75,23 @@ def _as_logp(values: Any, name: str) -> np.ndarray:
 
 
 def _delta(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num − den as the learner computes it: NaN (also −inf − −inf) → 0, ±inf → ±float32 max."""
-    with np.errstate(invalid="ignore"):
-        diff = num - den
-    return np.nan_to_num(diff, nan=0.0, posinf=_F32_MAX, neginf=-_F32_MAX)
+    """num − den exactly as the learner computes Δ (``advantages.evidence_delta``)."""
+    import torch
+
+    from services.learner.advantages import evidence_delta
+
+    mask = torch.ones(1, num.size)
+    return evidence_delta(torch.from_numpy(num)[None], torch.from_numpy(den)[None], mask)[0].double().numpy()
 
 
 def _weights(advantage: float, delta: np.ndarray, eps_w: float) -> np.ndarray:
-    sign = float(np.sign(advantage))
-    with np.errstate(over="ignore"):
-        weight = np.exp(sign * delta)  # A = 0 → exp(0) = 1; Δ is finite, so 0·Δ is never NaN
-    return np.clip(weight, 1.0 - eps_w, 1.0 + eps_w)
+    """The clipped evidence weight exactly as the learner computes it (``advantages.evidence_weights``)."""
+    import torch
+
+    from services.learner.advantages import evidence_weights
+
+    adv = torch.tensor([float(advantage)])
+    return evidence_weights(adv, torch.from_numpy(delta)[None], eps_w)[0].double().numpy()
 
 
 def token_weights(
@@ -105,7 +111,7 @@ def token_weights(
     input, or −inf on both sides: a token impossible in both contexts) is no evidence, Δ = 0; a one-sided −inf
     gives Δ = ±float32 max, whose weight is the clip bound. ``None`` entries count as NaN. With A = 0 every
     weight is 1. ``logp_pos`` None (row not scored) gives all three None; ``logp_neg`` None gives ``delta`` and
-    ``w_cepo`` None. The values are float64; the learner's float32 may differ in the last digits.
+    ``w_cepo`` None. Computed by the learner's own functions (float32), so the page shows what it applied.
     """
     if not 0.0 < float(eps_w) < 1.0:
         raise ValueError(f"eps_w must lie in (0, 1), got {eps_w}")
