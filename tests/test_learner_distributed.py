@@ -173,3 +173,37 @@ def test_rank_failing_inside_a_collective_tears_the_group_down(ray_session, mode
             learner.old_logprobs(SAMPLES)
     finally:
         learner.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["sdpo", "opsd"])
+def test_two_ranks_equal_one_process_with_distillation(ray_session, model_dir, kind):
+    """OPSD / SDPO on sharded ranks: the teacher pass (SDPO: the EMA weights swapped in) and the EMA update
+    give the same step as one process."""
+    from services.learner.policy import DistillSpec
+
+    spec = DistillSpec(kind, top_k=5, ema_decay=0.9)
+    teacher = [([1, 3, 3, *p[1:]], r) for p, r in SAMPLES]  # a longer context, the same responses
+    group = LearnerGroup(
+        str(model_dir), 2, policy_kwargs=POLICY, timeout_s=180, grace_s=20, cpus_per_rank=0.5
+    )
+    try:
+        single = LoraPolicy(str(model_dir), **POLICY)
+        batch, teacher_batch = PolicyBatch.build(SAMPLES), PolicyBatch.build(teacher)
+        for sign in (torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]), torch.tensor([-1.0, 0.7, 1.5, -0.2, -1.0])):
+            adv = sign.unsqueeze(1) * batch.response_mask
+            old = group.old_logprobs(SAMPLES, micro_batch_size=2)
+            stats = group.update(SAMPLES, adv, old, micro_batch_size=2, teacher_samples=teacher, distill=spec)
+            expected = single.update(
+                batch, adv, single.old_logprobs(batch), teacher_batch=teacher_batch, distill=spec
+            )
+            assert stats.distill_loss > 0
+            assert stats.distill_loss == pytest.approx(expected.distill_loss, rel=1e-4)  # float32 sums
+            assert stats.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+            assert_same_state(group.lora_state(), single.lora_state())
+        wrong = [*teacher[:2], (teacher[2][0], [3]), *teacher[3:]]
+        with pytest.raises(ValueError, match="teacher sample 2: its response differs"):
+            group.update(SAMPLES, adv, old, teacher_samples=wrong, distill=spec)
+        with pytest.raises(ValueError, match=f"{kind} needs one teacher sample per sample"):
+            group.update(SAMPLES, adv, old, distill=spec)
+    finally:
+        group.shutdown()
