@@ -360,6 +360,15 @@ def test_write_heatmap_default_path_and_cli(tmp_path):
     assert err.value.exit_code == 2
     assert "step 5 not in" in buffer.getvalue() and "available: 0-1" in buffer.getvalue()
 
+    from typer.testing import CliRunner
+
+    from cepo.cli import app
+
+    done = CliRunner().invoke(app, ["inspect", "--run", str(run), "--step", "1"])
+    assert done.exit_code == 0 and "step_00001.html" in done.output
+    done = CliRunner().invoke(app, ["inspect", "--run", str(run), "--step", "9"])
+    assert done.exit_code == 2 and "available: 0-1" in done.output
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The page in a real browser

@@ -193,6 +193,15 @@ def test_plot_run_without_eval_and_cli(tmp_path):
     printed = console.export_text()
     assert all(str(p) in printed for p in paths)
 
+    from typer.testing import CliRunner
+
+    from cepo.cli import app
+
+    done = CliRunner().invoke(app, ["plot", "--run", str(run)])
+    assert done.exit_code == 0 and (run / "plots" / "timing.png").is_file()
+    done = CliRunner().invoke(app, ["plot", "--run", str(tmp_path / "nothing")])
+    assert done.exit_code == 2 and "metrics.jsonl" in done.output
+
 
 # ------------------------------------------------------------------------------------------------- report
 
