@@ -71,11 +71,43 @@ def bootstrap(
         bool, typer.Option("--force", help="Rebuild even when a matching build exists.")
     ] = False,
     minutes: Annotated[float, typer.Option(min=0.5, help="Wall-clock budget of the whole build.")] = 5.0,
+    teacher_fraction: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Demonstrations in teacher form, correct answer.")
+    ] = None,
+    teacher_wrong_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Teacher-form demonstrations with a wrong answer, followed to it."
+        ),
+    ] = None,
 ) -> None:
-    """Build the default tiny policy offline: BPE tokenizer, Qwen2 model, supervised warm-up on arithmetic."""
-    from cepo.models.bootstrap import build_tiny_model
+    """Build the default tiny policy offline: BPE tokenizer, Qwen2 model, supervised warm-up on arithmetic.
 
-    manifest, built = build_tiny_model(out, seed=seed, force=force, minutes=minutes, console=console)
+    The teacher fractions make a variant whose answer-conditioned teacher is more informative (see
+    docs/results/), e.g. ``--out models/tiny-hint --teacher-fraction 0.25 --teacher-wrong-fraction 0.35``.
+    """
+    import dataclasses
+
+    from cepo.models.bootstrap import TinySettings, build_tiny_model
+
+    settings = TinySettings(seed=seed)
+    changes = {"teacher_fraction": teacher_fraction, "teacher_wrong_fraction": teacher_wrong_fraction}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:  # the variant trades the official-template demonstrations for teacher-form ones
+        settings = dataclasses.replace(settings, official_teacher_fraction=0.0, **changes)
+        if settings.teacher_fraction + settings.teacher_wrong_fraction > 1.0:
+            console.print(
+                "[red]error:[/red] --teacher-fraction + --teacher-wrong-fraction must not exceed 1 "
+                f"(got {settings.teacher_fraction} + {settings.teacher_wrong_fraction})"
+            )
+            raise typer.Exit(2)
+    try:
+        manifest, built = build_tiny_model(
+            out, seed=seed, force=force, minutes=minutes, settings=settings, console=console
+        )
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     test = manifest.get("accuracy", {}).get("test", {})
     state = "built" if built else "cached"
     console.print(
