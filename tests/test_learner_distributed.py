@@ -207,3 +207,25 @@ def test_two_ranks_equal_one_process_with_distillation(ray_session, model_dir, k
             group.update(SAMPLES, adv, old, distill=spec)
     finally:
         group.shutdown()
+
+
+def test_a_taken_rendezvous_port_is_retried(ray_session, model_dir, monkeypatch):
+    """Another process may take the chosen port before rank 0 binds it: the group starts on a fresh one."""
+    import socket
+
+    from services.learner import distributed
+
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    ports = iter([busy.getsockname()[1], distributed._free_port()])
+    monkeypatch.setattr(distributed, "_free_port", lambda: next(ports))
+    try:
+        group = LearnerGroup(str(model_dir), 1, policy_kwargs=POLICY, timeout_s=120, cpus_per_rank=0.5)
+        try:
+            assert group.old_logprobs(SAMPLES[:1]).shape == (1, 3)
+        finally:
+            group.shutdown()
+    finally:
+        busy.close()
+    assert next(ports, None) is None  # both ports were used: the taken one, then the fresh one

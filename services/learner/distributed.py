@@ -69,6 +69,15 @@ def shard_bounds(n: int, ranks: int) -> list[tuple[int, int]]:
     return bounds
 
 
+PORT_ATTEMPTS = 3
+
+
+def _port_taken(exc: BaseException) -> bool:
+    """Did the process group fail because its rendezvous port was taken (EADDRINUSE)?"""
+    text = f"{exc} {exc.__cause__ or ''}".lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -262,20 +271,25 @@ class LearnerGroup:
             raise ValueError(f"policy_kwargs may not set {sorted(reserved)}: the group chooses them")
         self.ranks, self.backend = ranks, backend
         self.timeout_s, self.grace_s = timeout_s, grace_s
-        self._closed: str | None = None
-        port = _free_port()
         threads = max(1, int(cpus_per_rank))
-        self._actors = [
-            LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, max_restarts=0).remote(
-                r, ranks, "127.0.0.1", port, backend, model_path, dict(policy_kwargs), threads, timeout_s
-            )
-            for r in range(ranks)
-        ]
-        try:
-            self.info = self._call("start", [a.ready.remote() for a in self._actors])
-        except BaseException:
-            self._teardown("failed to start")
-            raise
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # the rendezvous port is free when chosen, but another process may take it before rank 0
+            # binds it: that one error is retried on a fresh port, any other is raised at once
+            self._closed: str | None = None
+            port = _free_port()
+            self._actors = [
+                LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, max_restarts=0).remote(
+                    r, ranks, "127.0.0.1", port, backend, model_path, dict(policy_kwargs), threads, timeout_s
+                )
+                for r in range(ranks)
+            ]
+            try:
+                self.info = self._call("start", [a.ready.remote() for a in self._actors])
+                break
+            except BaseException as exc:
+                self._teardown("failed to start")
+                if attempt == PORT_ATTEMPTS or not _port_taken(exc):
+                    raise
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, refs: list[ray.ObjectRef]) -> list[Any]:
