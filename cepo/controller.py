@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cepo.config import RunConfig, dump_config
+from cepo.report import problem_accuracy
 from cepo_proto import AdapterAck, AdapterPayload, Problem
 from cepo_proto.pipeline import GenerateRequest, Rollout, StepReport, TeacherItem, TeacherRequest
 from services.learner.advantages import (
@@ -500,11 +501,10 @@ class Trainer:
 
         # 3. GRPO advantages, r⁻ per group
         t = time.perf_counter()
-        rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
+        reward_list, correct = [v.reward for v in verdicts], [v.correct for v in verdicts]
+        rewards = torch.tensor(reward_list, dtype=torch.float32)
         seq_adv = grpo_advantages(rewards, group_of, eps=alg.adv_eps, scale_by_std=alg.scale_adv_by_std)
-        negatives = select_negative_answers(
-            rewards.tolist(), group_of, [v.answer for v in verdicts], [v.correct for v in verdicts]
-        )
+        negatives = select_negative_answers(reward_list, group_of, [v.answer for v in verdicts], correct)
         lengths = [len(r.response_ids) for r in batch.rollouts]
         mask = torch.zeros(len(lengths), max(lengths))
         for row, length in enumerate(lengths):
@@ -515,10 +515,13 @@ class Trainer:
         stats = None
         token_adv = seq_adv.unsqueeze(1) * mask
         logp_pos = logp_neg = None
-        correct = [v.correct for v in verdicts]
         members: dict[int, list[int]] = {}
         for i, g in enumerate(group_of):
             members.setdefault(g, []).append(i)
+
+        def positive(i: int) -> str:  # r⁺ of row i (teacher.positive)
+            return self._positive_text(i, batch, members[group_of[i]], reward_list, correct)
+
         if alg.method in EVIDENCE_METHODS and lam > 0:
             t = time.perf_counter()
             rows = [i for i in range(len(lengths)) if seq_adv[i] != 0]  # A = 0 → Â = 0 whatever Δ is
@@ -530,7 +533,7 @@ class Trainer:
                         student_prompt=batch.prompt_texts[g],
                         student_prompt_ids=batch.prompt_ids[g],
                         response_ids=batch.rollouts[i].response_ids,
-                        positive=self._positive_text(i, batch, members[g], rewards.tolist(), correct),
+                        positive=positive(i),
                         negative=self._negative_text(negatives[g], batch) if alg.method == "cepo" else None,
                     )
                 )
@@ -566,10 +569,8 @@ class Trainer:
             )
             teacher_samples = []
             for i, r in enumerate(batch.rollouts):
-                g = group_of[i]
-                positive = self._positive_text(i, batch, members[g], rewards.tolist(), correct)
                 context = teacher_context_ids(
-                    self.tokenizer, batch.prompt_texts[g], positive, cfg.teacher.template
+                    self.tokenizer, batch.prompt_texts[group_of[i]], positive(i), cfg.teacher.template
                 )
                 teacher_samples.append((context, r.response_ids))
 
@@ -604,7 +605,7 @@ class Trainer:
 
         step_seconds = time.perf_counter() - step_start
         tokens = int(sum(lengths))
-        accuracy = float(np.mean([v.correct for v in verdicts]))
+        accuracy = float(np.mean(correct))
         signal = {g for g, a in zip(group_of, seq_adv.tolist(), strict=True) if a != 0}
         zero_var = len(problems) - len(signal)  # groups whose rollouts all got A = 0
         report = StepReport(
@@ -733,14 +734,9 @@ class Trainer:
                 max_tokens=ev.max_new_tokens,
             )
             texts = [r.text for group in groups for r in group]
-            answers = [problems[r.prompt_index].answer for group in groups for r in group]
-            verdicts = self.grade(texts, answers)
-            per_problem = np.zeros(len(problems))
-            for group_rows, start in zip(groups, np.cumsum([0, *map(len, groups)]), strict=False):
-                for k, r in enumerate(group_rows):
-                    per_problem[r.prompt_index] += verdicts[start + k].correct / len(group_rows)
-            se = float(per_problem.std(ddof=1) / np.sqrt(len(problems))) if len(problems) > 1 else 0.0
-            return float(per_problem.mean()), se
+            answers = [problem.answer for problem, group in zip(problems, groups, strict=True) for _ in group]
+            correct = iter(v.correct for v in self.grade(texts, answers))
+            return problem_accuracy([[next(correct) for _ in group] for group in groups])
 
         result = {"n": len(problems), "samples": samples}
         result["sampled"], result["sampled_se"] = accuracy(samples, ev.temperature)

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 
 from cepo.config import RunConfig
-from cepo.report import mean_se
+from cepo.report import problem_accuracy
 
 __all__ = ["evaluate_model"]
 
@@ -43,6 +43,7 @@ def evaluate_model(
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the results
     suites = eval_problems(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     kwargs: dict[str, Any] = {"dtype": cfg.model.dtype, "seed": cfg.seed}
@@ -82,11 +83,14 @@ def evaluate_model(
                 )
                 with console.status(f"{name}: {key}, {len(problems)} problems × {n}…"):
                     groups = engine.generate(prompts, spec)
-                    per_problem = []
-                    for problem, group in zip(problems, groups, strict=True):
-                        verdicts = grader.grade_batch([c.text for c in group], [problem.answer] * len(group))
-                        per_problem.append(sum(v.correct for v in verdicts) / len(group))
-                result[key], result[f"{key}_se"] = mean_se(per_problem)
+                    verdicts = grader.grade_batch(
+                        [c.text for group in groups for c in group],
+                        [p.answer for p, group in zip(problems, groups, strict=True) for _ in group],
+                    )
+                correct = iter(v.correct for v in verdicts)
+                result[key], result[f"{key}_se"] = problem_accuracy(
+                    [[next(correct) for _ in g] for g in groups]
+                )
             results[name] = result
             line = f"{name:<16} {result['sampled']:.3f} ± {result['sampled_se']:.3f}"
             if greedy:

@@ -139,6 +139,15 @@ def _col(metrics: Sequence[dict[str, Any]], key: str) -> list[float]:
     return [float(r.get(key, 0.0)) for r in metrics]
 
 
+def _decorate(ax, ylabel: str, title: str, legend_loc: str) -> None:
+    """Axis labels, title, grid and legend shared by every per-step figure."""
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc=legend_loc)
+
+
 def _plot_reward_accuracy(metrics, evals, title: str, path: Path) -> Path:
     plt, fig, (ax,) = _figure()
     steps = [int(r["step"]) for r in metrics]
@@ -174,11 +183,7 @@ def _plot_reward_accuracy(metrics, evals, title: str, path: Path) -> Path:
                 color="black",
                 label="held-out average (sampled)",
             )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("reward / accuracy")
-    ax.set_title(f"{title}: reward and accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    _decorate(ax, "reward / accuracy", f"{title}: reward and accuracy", "best")
     return _save(plt, fig, path)
 
 
@@ -188,11 +193,7 @@ def _plot_delta(metrics, note: str | None, title: str, path: Path) -> Path:
     ax.plot(steps, _col(metrics, "delta_pos_frac"), label="Δ > 0 (evidence for the token)", color="C2")
     ax.plot(steps, _col(metrics, "delta_neg_frac"), label="Δ < 0 (evidence against the token)", color="C3")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of response tokens")
-    ax.set_title(f"{title}: tokens with positive / negative Δ")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    _decorate(ax, "fraction of response tokens", f"{title}: tokens with positive / negative Δ", "upper right")
     if note:
         _note(ax, note)
     return _save(plt, fig, path)
@@ -204,11 +205,7 @@ def _plot_clip(metrics, note: str | None, title: str, path: Path) -> Path:
     ax.plot(steps, _col(metrics, "weight_clip_frac"), label="evidence weight clipped", color="C4")
     ax.plot(steps, _col(metrics, "ppo_clip_frac"), label="PPO ratio clipped", color="C5")
     ax.set_ylim(bottom=0.0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_title(f"{title}: clip rates")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    _decorate(ax, "fraction of tokens", f"{title}: clip rates", "upper right")
     if note:
         _note(ax, f"{note}: evidence-weight clip is 0")
     return _save(plt, fig, path)
@@ -231,11 +228,7 @@ def _plot_timing(metrics, title: str, path: Path) -> Path:
         _note(ax, "no stage timings recorded")
     if any("step_seconds" in r for r in metrics):
         ax.plot(steps, _col(metrics, "step_seconds"), color="black", linewidth=1.2, label="step total")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"{title}: time per step by stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    _decorate(ax, "seconds", f"{title}: time per step by stage", "upper right")
     return _save(plt, fig, path)
 
 

@@ -59,6 +59,12 @@ def mean_se(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def problem_accuracy(correct: Sequence[Sequence[bool]]) -> tuple[float, float]:
+    """Held-out accuracy from each problem's samples: the mean over problems of the fraction correct, and its
+    standard error over problems."""
+    return mean_se(sum(c) / len(c) for c in correct)
+
+
 def auc(points: Sequence[tuple[int, float]], horizon: int) -> float:
     """Normalised area under an accuracy curve over steps [0, horizon] (trapezoid rule).
 

@@ -90,6 +90,29 @@ def _start(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
+def _serving(
+    cmd: list[str], log_path: Path, ready: Callable[[], bool], timeout_s: float, interval_s: float, what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``cmd`` (output to ``log_path``), wait until ``ready()``, stop it on exit; failures carry the log."""
+    proc = _start(cmd, log_path)
+    name = Path(cmd[0]).name
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
+        return ready()
+
+    try:
+        try:
+            wait_for(up, timeout_s, interval_s, what=what)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[str]:
     """A throw-away redis-server (no persistence) on a free port; yields ``redis://127.0.0.1:PORT/0``."""
     import redis
@@ -109,26 +132,17 @@ def redis_server(workdir: Path) -> Iterator[str]:
         "--daemonize", "no",
         "--protected-mode", "yes",
     ]  # fmt: skip
-    proc = _start(cmd, log_path)
     url = f"redis://127.0.0.1:{port}/0"
-    try:
 
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            try:
-                return bool(client.ping())
-            finally:
-                client.close()
-
+    def ping() -> bool:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
         try:
-            wait_for(ready, 20.0, 0.1, what=f"redis-server on port {port} to answer PING")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    with _serving(cmd, log_path, ping, 20.0, 0.1, f"redis-server on port {port} to answer PING"):
         yield url
-    finally:
-        _stop(proc)
 
 
 @contextlib.contextmanager
@@ -147,23 +161,14 @@ def prometheus_server(config_text: str, workdir: Path) -> Iterator[str]:
         f"--storage.tsdb.path={workdir / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
-    proc = _start(cmd, log_path)
     base = f"http://127.0.0.1:{port}"
-    try:
 
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with code {proc.returncode}")
-            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:
-                return resp.status == 200
+    def ready() -> bool:
+        with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as resp:
+            return resp.status == 200
 
-        try:
-            wait_for(ready, 60.0, 0.25, what=f"prometheus on port {port} to report /-/ready")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+    with _serving(cmd, log_path, ready, 60.0, 0.25, f"prometheus on port {port} to report /-/ready"):
         yield base
-    finally:
-        _stop(proc)
 
 
 def prometheus_query(base_url: str, expr: str) -> list[dict]:

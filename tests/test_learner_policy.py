@@ -136,7 +136,7 @@ def test_sdpo_ema_teacher_follows_the_actor_slowly(model_dir):
     spec = DistillSpec("sdpo", top_k=5, ema_decay=0.9)
     stats = policy.update(batch, adv, policy.old_logprobs(batch), teacher_batch=teacher, distill=spec)
     assert stats.distill_loss > 0
-    for e, p0, p1 in zip(policy.ema, theta0, policy.params, strict=True):
+    for e, p0, p1 in zip(policy.ema.values(), theta0, policy.params, strict=True):
         assert torch.allclose(e, 0.9 * p0 + 0.1 * p1.detach(), atol=1e-7)
     # the EMA swap leaves the actor's own weights in place
     assert all(not torch.equal(p0, p1) for p0, p1 in zip(theta0, policy.params, strict=True) if p0.any())

@@ -74,7 +74,8 @@ def test_cepo_eval_reports_accuracy_and_standard_error(tiny_model_dir, tmp_path)
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "eval.json").read_text())  # stdout also carries vLLM's log lines
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert json.loads(done.stdout) == results  # vLLM logs to stderr: stdout is the JSON alone
     assert set(results) == {"test", "unseen_mix", "average"}
     for suite in ("test", "unseen_mix"):
         r = results[suite]

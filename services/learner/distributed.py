@@ -21,7 +21,6 @@ grace period for the others and otherwise tears the group down. No call waits lo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import socket
@@ -210,9 +209,6 @@ class LearnerRank:
         start = time.perf_counter()
         batch, teacher = self._agree(prepare)
         width = batch.response_mask.shape[1]
-        options = dict(options)
-        if options.get("distill") is not None:
-            options["distill"] = DistillSpec(**options["distill"])
         stats = self.policy.update(
             batch, advantages[:, :width], old_logp[:, :width], teacher_batch=teacher, **options
         )
@@ -415,7 +411,7 @@ class LearnerGroup:
             "global_tokens": float(sum(tokens)),
             "global_seqs": float(len(samples)),
             "num_micro_batches": micro,
-            "distill": None if distill is None else dataclasses.asdict(distill),
+            "distill": distill,
         }
         advantages, old_logp = advantages.detach().cpu(), old_logp.detach().cpu()
         refs = [

@@ -63,12 +63,13 @@ class PolicyBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, start: int, stop: int) -> PolicyBatch:
+    def rows(self, start: int, stop: int, width: int | None = None) -> PolicyBatch:
+        """Rows [start, stop); with ``width`` only the first ``width`` response positions."""
         return PolicyBatch(
             self.input_ids[start:stop],
             self.attention_mask[start:stop],
-            self.response_mask[start:stop],
-            self.response_index[start:stop],
+            self.response_mask[start:stop, :width],
+            self.response_index[start:stop, :width],
         )
 
     @classmethod
@@ -180,8 +181,8 @@ class LoraPolicy:
         self.base_lr, self.total_steps, self.warmup_steps = lr, total_steps, warmup_steps
         self.lr_schedule, self.grad_clip, self.temperature = lr_schedule, grad_clip, temperature
         self.step = 0
-        self.ema: list[torch.Tensor] | None = (
-            None  # SDPO's EMA teacher (trainable tensors), made on first use
+        self.ema: dict[int, torch.Tensor] | None = (
+            None  # SDPO's EMA teacher (trainable tensors), on first use
         )
 
     def _shard(self) -> None:
@@ -232,11 +233,9 @@ class LoraPolicy:
         """
         if not ema:
             return self.response_logits(batch).detach()
-        if self.ema is None:
-            self.ema = [p.detach().clone() for p in self.params]
         saved = [p.detach().clone() for p in self.params]
         try:
-            for p, e in zip(self.params, self.ema, strict=True):
+            for p, e in zip(self.params, self._ema().values(), strict=True):
                 p.copy_(e)
             return self.response_logits(batch).detach()
         finally:
@@ -321,26 +320,13 @@ class LoraPolicy:
                 (self.token_logprobs(_dummy_batch()).sum() * 0.0).backward()
                 continue
             start = starts[i]
-            micro = batch.rows(start, start + micro_batch_size)
-            stop = start + len(micro)
-            width = int(micro.response_mask.sum(1).max())
-            micro = PolicyBatch(
-                micro.input_ids,
-                micro.attention_mask,
-                micro.response_mask[:, :width],
-                micro.response_index[:, :width],
-            )
+            stop = min(start + micro_batch_size, len(batch))
+            width = int(batch.response_mask[start:stop].sum(1).max())
+            micro = batch.rows(start, stop, width)
             mask = micro.response_mask.to(self.device)
             teacher_logits = None
             if distill is not None:  # first: an EMA swap must not touch weights a live graph has saved
-                t_micro = teacher_batch.rows(start, stop)
-                t_micro = PolicyBatch(
-                    t_micro.input_ids,
-                    t_micro.attention_mask,
-                    t_micro.response_mask[:, :width],
-                    t_micro.response_index[:, :width],
-                )
-                teacher_logits = self.teacher_logits(t_micro, ema=ema)
+                teacher_logits = self.teacher_logits(teacher_batch.rows(start, stop, width), ema=ema)
             logits = self.response_logits(micro)
             out = ppo_clip_loss(
                 self._token_logp(logits, micro),
@@ -356,7 +342,7 @@ class LoraPolicy:
             loss = out.loss
             if distill is not None:
                 d_loss = distill.weight * self._distill_loss(distill, logits, teacher_logits, mask, tokens)
-                loss = (loss if distill.with_pg else 0.0 * loss) + d_loss
+                loss = d_loss + loss if distill.with_pg else d_loss
                 distill_sum += float(d_loss.detach())
             loss.backward()
             n = float(micro.response_mask.sum())
@@ -369,19 +355,17 @@ class LoraPolicy:
         self.optimizer.step()
         self.step += 1
         if ema:  # SDPO: θ_T ← β·θ_T + (1 − β)·θ, after every optimizer step (Table 7)
-            if self.ema is None:
-                self.ema = [p.detach().clone() for p in self.params]
-            keys = [str(i) for i in range(len(self.params))]
-            mixed = ema_update(
-                dict(zip(keys, self.ema, strict=True)),
-                {k: p.detach() for k, p in zip(keys, self.params, strict=True)},
-                distill.ema_decay,
-            )
-            self.ema = [mixed[k] for k in keys]
+            self.ema = ema_update(self._ema(), dict(enumerate(self.params)), distill.ema_decay)
         n_tokens = max(float(batch.response_mask.sum()), 1.0)
         return UpdateStats(
             loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr, distill_loss=distill_sum
         )
+
+    def _ema(self) -> dict[int, torch.Tensor]:
+        """SDPO's EMA teacher weights, one per trainable tensor; the current weights on first use."""
+        if self.ema is None:
+            self.ema = {i: p.detach().clone() for i, p in enumerate(self.params)}
+        return self.ema
 
     def _distill_loss(
         self,
