@@ -142,6 +142,7 @@ def test_rank_error_names_the_rank_and_group_survives(group):
     with pytest.raises(ValueError, match=r"advantages must be a tensor of shape \(5, 6\)"):
         group.update(SAMPLES, adv[:4], adv)
     # a rejected input fails every rank at the agreement step, before any FSDP collective: no one is stuck
+    # the same group, ranks, shards and micro-batches as `before`: the same order of operations, bit for bit
     assert torch.equal(group.old_logprobs(SAMPLES), before)
 
 

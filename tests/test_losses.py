@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _float import half_precision_bound
 
 from services.learner.advantages import cepo_token_advantages
 from services.learner.losses import (
@@ -145,7 +146,12 @@ def test_leakage_structure_opsd_vs_cepo():
         return logits.grad
 
     assert not torch.allclose(opsd_grad(teacher_a), opsd_grad(teacher_b))
-    assert torch.equal(cepo_grad(teacher_a), cepo_grad(teacher_b))
+    # P_T(sampled) is the same in exact arithmetic; log-softmax sums the 5 entries in another order, so in
+    # float32 it (and the gradient through Â) may differ by rounding only (tests/_float.py)
+    scale = float(cepo_grad(teacher_a).abs().max())
+    bound = half_precision_bound(torch.float32) * scale
+    assert float((cepo_grad(teacher_a) - cepo_grad(teacher_b)).abs().max()) <= bound
+    assert float((opsd_grad(teacher_a) - opsd_grad(teacher_b)).abs().max()) > 100 * bound
     # and the CEPO gradient is not trivially zero
     assert cepo_grad(teacher_a).abs().sum() > 0
 

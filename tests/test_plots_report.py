@@ -11,8 +11,19 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from cepo.plots import FIG_DPI, FIG_SIZE, cli_plot, evidence_note, load_eval, load_metrics, plot_run
-from cepo.report import auc, collect, mean_se, plot_curves, plot_delta, table_markdown, write_report
+from cepo.plots import (
+    FIG_DPI,
+    FIG_SIZE,
+    cli_plot,
+    evidence_note,
+    load_eval,
+    load_metrics,
+    plot_curves,
+    plot_delta,
+    plot_run,
+)
+from cepo.report import collect, table_markdown, write_report
+from cepo.stats import auc, mean_se
 
 SUITES = ("test", "long")
 PNG_SIZE = (int(FIG_SIZE[0] * FIG_DPI), int(FIG_SIZE[1] * FIG_DPI))
