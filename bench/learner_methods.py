@@ -91,8 +91,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     _import_path()
-    from services.learner.advantages import cepo_token_advantages
-    from services.learner.policy import DistillSpec, LoraPolicy, PolicyBatch
+    from cepo.algorithm.advantages import cepo_token_advantages
+    from cepo_proto.learner import DistillSpec, UpdateSettings
+    from cepo_services.learner.policy import LoraPolicy, PolicyBatch
 
     result: dict = {"device": args.device, "torch": torch.__version__}
     if args.device == "cuda":
@@ -119,7 +120,12 @@ def main() -> None:
     def step(distill=None):
         old = policy.old_logprobs(batch, args.micro)
         policy.update(
-            batch, token_adv, old, micro_batch_size=args.micro, teacher_batch=teacher_batch, distill=distill
+            batch,
+            token_adv,
+            old,
+            UpdateSettings(micro_batch_size=args.micro),
+            teacher_batch=teacher_batch,
+            distill=distill,
         )
 
     methods = {
@@ -156,10 +162,10 @@ def main() -> None:
         small_adv = token_adv[:8, : small.response_mask.shape[1]]
         for p in (plain, sharded):
             old = p.old_logprobs(small, 4)
-            p.update(small, small_adv, old, micro_batch_size=4, num_micro_batches=2)
+            p.update(small, small_adv, old, UpdateSettings(micro_batch_size=4), num_micro_batches=2)
         a, b = plain.lora_state(), sharded.lora_state()
         result["fsdp_nccl_vs_plain_max_abs_diff"] = max(float((a[k] - b[k].to(a[k])).abs().max()) for k in a)
-        payload = sharded.export_adapter(1)
+        payload = sharded.export_adapter()
         result["fsdp_nccl_export_files"] = sorted(payload.files)
         dist.destroy_process_group()
     text = json.dumps(result, indent=2)

@@ -15,16 +15,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cepo.config import METHODS, RunConfig, dump_config
+from cepo.algorithm.methods import method_names
+from cepo.config import RunConfig, dump_config
 
 __all__ = ["parse_methods", "run_compare"]
 
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in method_names()]
     if bad or not methods:
-        raise ValueError(f"--methods: unknown {bad or text!r}; allowed: {', '.join(METHODS)}")
+        raise ValueError(f"--methods: unknown {bad or text!r}; allowed: {', '.join(method_names())}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"--methods lists a method twice: {text!r}")
     return methods

@@ -15,18 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cepo.algorithm.methods import get_method
+from cepo_proto.learner import AGG_MODES
+
 __all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config", "parse_override"]
 
-Method = Literal["grpo", "rlsd", "cepo", "opsd", "sdpo"]
-METHODS: tuple[str, ...] = typing.get_args(Method)
-# Paper, App. B Table 6: "1×10^-6 (5×10^-6 for CEPO)".
-PAPER_LEARNING_RATES: dict[str, float] = {
-    "grpo": 1e-6,
-    "rlsd": 1e-6,
-    "cepo": 5e-6,
-    "opsd": 1e-6,
-    "sdpo": 1e-6,
-}
 STUDENT_PROMPT = "{problem} Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{{}}"
 
 
@@ -189,13 +182,15 @@ class LearnerConfig(_Section):
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch and epoch.")
     clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ε_low (paper Table 6: 0.20).")
     clip_high: float = Field(0.28, gt=0.0, description="PPO ε_high (paper Table 6: 0.28).")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = Field(
+    loss_agg: Literal[AGG_MODES] = Field(
         "token-mean", description="Loss aggregation over the global batch (paper: token-mean)."
     )
 
 
 class AlgorithmConfig(_Section):
-    method: Method = Field("cepo", description="grpo | rlsd | cepo | opsd | sdpo (paper Table 2).")
+    method: str = Field(
+        "cepo", description="grpo | rlsd | cepo | opsd | sdpo (paper Table 2), or any registered method."
+    )
     steps: int = Field(50, ge=1, description="Training steps (paper Table 6: 50).")
     lambda0: float = Field(0.5, ge=0.0, le=1.0, description="Evidence dose λ₀ (paper Table 7: 0.5).")
     lambda_schedule: Literal["linear", "constant", "fast"] = Field(
@@ -219,6 +214,13 @@ class AlgorithmConfig(_Section):
         description="OPSD/SDPO loss = PPO-clip(GRPO) + weight·D (True, the paper's reimplementation) or "
         "weight·D alone (False, pure on-policy distillation).",
     )
+
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        get_method(value)  # an unknown name: "got 'x'; allowed values: 'grpo', …"
+        return value
 
 
 class ResourcesConfig(_Section):
@@ -291,7 +293,7 @@ class RunConfig(_Section):
     @property
     def learning_rate(self) -> float:
         """The configured learning rate, or the paper's value for the chosen method."""
-        return self.learner.lr if self.learner.lr is not None else PAPER_LEARNING_RATES[self.algorithm.method]
+        return self.learner.lr if self.learner.lr is not None else get_method(self.algorithm.method).learning_rate
 
 
 # ---------------------------------------------------------------------------------------------------------

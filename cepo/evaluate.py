@@ -1,6 +1,7 @@
 """``cepo eval``: held-out accuracy of a model (optionally with a LoRA adapter) outside a training run.
 
-One in-process engine (vLLM by default, transformers as the fallback) and one grader; the paper's sampling
+One in-process engine (vLLM by default, transformers as the fallback; the same engine settings as training's
+replicas, ``cepo.controller.cluster``) and one grader; the paper's sampling
 (§5: temperature 1.0, top-p 1.0, top-k 40, presence penalty 2.0) from the ``eval`` config section. Accuracy per
 suite is the mean over problems of the fraction of ``samples`` correct; its standard error is over problems.
 """
@@ -13,7 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from cepo.config import RunConfig
-from cepo.report import problem_accuracy
+from cepo.stats import problem_accuracy
 
 __all__ = ["evaluate_model"]
 
@@ -31,11 +32,12 @@ def evaluate_model(
 
     from transformers import AutoTokenizer
 
+    from cepo.controller.cluster import engine_options, eval_modes
     from cepo.run import eval_problems
     from cepo_proto import AdapterPayload
-    from services.rollout.engines import SamplingSpec, make_engine
-    from services.teacher.sequences import chat_prompt_ids
-    from services.verifier.grader import Grader
+    from cepo_services.common.engines import make_engine
+    from cepo_services.common.templates import chat_prompt_ids
+    from cepo_services.verifier.grader import Grader
 
     console = console or Console(stderr=True)
     if not cfg.data.eval_suites:
@@ -46,18 +48,8 @@ def evaluate_model(
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the results
     suites = eval_problems(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    kwargs: dict[str, Any] = {"dtype": cfg.model.dtype, "seed": cfg.seed}
-    if backend == "vllm":
-        kwargs.update(
-            max_model_len=cfg.model.max_seq_len,
-            max_lora_rank=max(cfg.model.lora.rank, 8),
-            enforce_eager=cfg.rollout.enforce_eager,
-            kv_cache_gib=cfg.rollout.kv_cache_gib,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        )
-    ev = cfg.eval
     with console.status(f"loading {cfg.model.path} ({backend})…"):
-        engine = make_engine(backend, cfg.model.path, **kwargs)
+        engine = make_engine(backend, cfg.model.path, **engine_options(cfg, backend, cfg.seed))
     grader = Grader(timeout_s=cfg.verifier.timeout_s, max_chars=cfg.verifier.max_response_chars)
     results: dict[str, Any] = {}
     try:
@@ -69,19 +61,8 @@ def evaluate_model(
                 for p in problems
             ]
             result: dict[str, Any] = {"n": len(problems), "samples": cfg.data.eval_samples}
-            modes = [("sampled", cfg.data.eval_samples, ev.temperature)]
-            if greedy:
-                modes.append(("greedy", 1, 0.0))
-            for key, n, temperature in modes:
-                spec = SamplingSpec(
-                    n=n,
-                    temperature=temperature,
-                    top_p=ev.top_p,
-                    top_k=ev.top_k,
-                    max_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
-                    presence_penalty=ev.presence_penalty,
-                )
-                with console.status(f"{name}: {key}, {len(problems)} problems × {n}…"):
+            for key, spec in eval_modes(cfg, greedy=greedy):
+                with console.status(f"{name}: {key}, {len(problems)} problems × {spec.n}…"):
                     groups = engine.generate(prompts, spec)
                     verdicts = grader.grade_batch(
                         [c.text for group in groups for c in group],

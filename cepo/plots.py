@@ -7,6 +7,10 @@ evaluation point and suite, ``step`` = steps done, 0 = the base policy) and, onc
 :func:`plot_run` writes four PNGs into ``RUN/plots/``: ``reward_accuracy.png``, ``delta_fractions.png``,
 ``clip_rate.png`` and ``timing.png``. Every figure is written for every method; a run without teacher evidence
 (GRPO) gets its Δ and evidence-clip panels with a note instead of being skipped.
+
+The ``cepo compare`` report (:mod:`cepo.report`) draws its figures here too, from its collected results:
+:func:`plot_curves` (held-out accuracy against the step, Figure 1) and :func:`plot_delta` (the Δ+/Δ− token
+fractions, Figure 4). Every figure comes from the same :func:`_figure` / :func:`_save` pair.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ __all__ = [
     "FIG_DPI",
     "FIG_SIZE",
     "cli_plot",
+    "display_name",
     "eval_by_step",
     "evidence_note",
     "load_eval",
     "load_jsonl",
     "load_metrics",
+    "plot_curves",
+    "plot_delta",
     "plot_run",
     "run_method",
 ]
@@ -33,6 +40,16 @@ __all__ = [
 FIG_SIZE = (8.0, 5.0)
 FIG_DPI = 100
 PLOT_FILES = ("reward_accuracy.png", "delta_fractions.png", "clip_rate.png", "timing.png")
+
+
+def display_name(method: str) -> str:
+    """The paper's name of a method (``cepo`` → ``CEPO``): the registry's, or the name in capitals."""
+    from cepo.algorithm.methods import get_method
+
+    try:
+        return get_method(method).display
+    except ValueError:  # a run of a method registered elsewhere (e.g. by a script)
+        return method.upper()
 
 
 def load_jsonl(path: Path | str) -> list[dict[str, Any]]:
@@ -104,16 +121,23 @@ def evidence_note(metrics: Sequence[dict[str, Any]], method: str) -> str | None:
 
 
 def _figure(ncols: int = 1):
+    """A figure of ``ncols`` axes side by side: ``FIG_SIZE`` for one, 12 inches wide for more (same height)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=FIG_SIZE, dpi=FIG_DPI, layout="constrained", squeeze=False)
+    width = FIG_SIZE[0] if ncols == 1 else 12.0
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(width, FIG_SIZE[1]), dpi=FIG_DPI, layout="constrained", squeeze=False
+    )
     return plt, fig, list(axes[0])
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(plt, fig, path: Path | str) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) at ``FIG_DPI`` and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fig.savefig(path, dpi=FIG_DPI)
     finally:
@@ -268,3 +292,85 @@ def cli_plot(run_dir: Path | str, out_dir: Path | str | None, console) -> list[P
     for path in paths:
         console.print(str(path), highlight=False, soft_wrap=True)
     return paths
+
+
+# ------------------------------------------------------------------------------- figures of a comparison
+
+
+def _band(ax, points: Sequence[dict[str, float]], key: str, se_key: str, scale: float, **style) -> None:
+    xs = [p["step"] for p in points]
+    ys = [scale * p[key] for p in points]
+    se = [scale * p[se_key] for p in points]
+    (line,) = ax.plot(xs, ys, **style)
+    ax.fill_between(
+        xs,
+        [y - e for y, e in zip(ys, se, strict=True)],
+        [y + e for y, e in zip(ys, se, strict=True)],
+        color=line.get_color(),
+        alpha=0.2,
+        linewidth=0,
+    )
+
+
+def plot_curves(results: dict[str, Any], path: Path | str) -> Path:
+    """Figure 1: held-out average sampled accuracy vs training step, one line per method (mean over seeds with
+    a ± standard-error band), the base policy as a dashed horizontal line."""
+    plt, fig, (ax,) = _figure()
+    drawn = 0
+    for i, m in enumerate(results["methods"]):
+        curve = results["aggregate"].get(m, {}).get("curve") or []
+        if not curve:
+            continue
+        n = results["aggregate"][m]["seeds"]
+        label = f"{display_name(m)} (n={n})"
+        _band(ax, curve, "mean", "se", 100.0, color=f"C{i}", marker="o", markersize=3, label=label)
+        drawn += 1
+    base = results["base"]["sampled"].get("average")
+    if base:
+        ax.axhline(100 * base["mean"], color="0.4", linestyle="--", linewidth=1.2, label="base")
+    if not drawn:
+        ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="0.3")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out accuracy, average over suites (%)")
+    ax.set_title("Held-out accuracy during training (mean ± s.e. over seeds)")
+    ax.grid(alpha=0.3)
+    if drawn or base:
+        ax.legend(fontsize=9, loc="best")
+    return _save(plt, fig, path)
+
+
+def _has_evidence(delta: Sequence[dict[str, float]]) -> bool:
+    return any(p["pos"] != 0.0 or p["neg"] != 0.0 for p in delta)
+
+
+def plot_delta(results: dict[str, Any], path: Path | str) -> Path:
+    """Figure 4: fractions of tokens with positive (left) and negative (right) Δ over training steps, for each
+    method with teacher evidence (non-zero Δ fractions: CEPO, RLSD), mean over seeds with a ± s.e. band."""
+    plt, fig, (ax_pos, ax_neg) = _figure(ncols=2)
+    drawn = []
+    for i, m in enumerate(results["methods"]):
+        delta = results["aggregate"].get(m, {}).get("delta") or []
+        if not _has_evidence(delta):
+            continue
+        _band(ax_pos, delta, "pos", "pos_se", 1.0, color=f"C{i}", label=display_name(m))
+        _band(ax_neg, delta, "neg", "neg_se", 1.0, color=f"C{i}", label=display_name(m))
+        drawn.append(m)
+    for ax, sign in ((ax_pos, "positive"), (ax_neg, "negative")):
+        ax.set_xlabel("training step")
+        ax.set_ylabel("fraction of response tokens")
+        ax.set_title(f"tokens with {sign} Δ")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=9, loc="best")
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                "no method with teacher evidence",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.3",
+            )
+    return _save(plt, fig, path)

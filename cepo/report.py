@@ -9,94 +9,31 @@ the suites against the training step, its AUC over the first ``H`` steps and the
 step. The base row is the step-0 evaluation of every run found (all runs start from the same policy). A missing
 or unfinished run is listed under ``"missing"`` rather than failing the report.
 
-Every number in the result is a fraction in [0, 1]; the table shows percent.
+Every number in the result is a fraction in [0, 1]; the table shows percent. The statistics are
+:mod:`cepo.stats`; the figures (:func:`~cepo.plots.plot_curves`, :func:`~cepo.plots.plot_delta`) are drawn by
+:mod:`cepo.plots`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from cepo.plots import FIG_DPI, FIG_SIZE, eval_by_step, load_eval, load_metrics
+from cepo.plots import display_name, eval_by_step, load_eval, load_metrics, plot_curves, plot_delta
+from cepo.stats import auc, mean_se, problem_accuracy
 
 __all__ = [
-    "DISPLAY_NAMES",
-    "auc",
     "collect",
-    "display_name",
-    "mean_se",
-    "plot_curves",
-    "plot_delta",
+    "problem_accuracy",  # re-exported from cepo.stats until cepo.evaluate and cepo.controller import it there
     "table_markdown",
     "write_report",
 ]
 
-DISPLAY_NAMES = {"grpo": "GRPO", "opsd": "OPSD", "sdpo": "SDPO", "rlsd": "RLSD", "cepo": "CEPO"}
 # ``summary.json`` and ``eval.jsonl`` both store floats written by json; they agree to far better than this.
 _TOL = 1e-6
 _DASH = "—"
-
-
-def display_name(method: str) -> str:
-    """The paper's name of a method (``cepo`` → ``CEPO``)."""
-    return DISPLAY_NAMES.get(method, method.upper())
-
-
-def mean_se(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and standard error (sample standard deviation / √n; 0 for a single value)."""
-    xs = [float(v) for v in values]
-    if not xs:
-        raise ValueError("mean_se of no values")
-    n = len(xs)
-    mean = sum(xs) / n
-    if n == 1:
-        return mean, 0.0
-    var = sum((x - mean) ** 2 for x in xs) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def problem_accuracy(correct: Sequence[Sequence[bool]]) -> tuple[float, float]:
-    """Held-out accuracy from each problem's samples: the mean over problems of the fraction correct, and its
-    standard error over problems."""
-    return mean_se(sum(c) / len(c) for c in correct)
-
-
-def auc(points: Sequence[tuple[int, float]], horizon: int) -> float:
-    """Normalised area under an accuracy curve over steps [0, horizon] (trapezoid rule).
-
-    The curve is linear between points, so the result is the mean accuracy over the window. A horizon between
-    two points is reached by linear interpolation; points beyond it are ignored. Raises ``ValueError`` if the
-    horizon is not positive, there is no point at step 0, two points share a step or the curve ends before the
-    horizon.
-    """
-    if horizon <= 0:
-        raise ValueError(f"horizon must be positive, got {horizon}")
-    pts = sorted((int(s), float(v)) for s, v in points)
-    steps = [s for s, _ in pts]
-    if len(set(steps)) != len(steps):
-        raise ValueError(f"repeated steps in the curve: {steps}")
-    if not pts or pts[0][0] != 0:
-        raise ValueError(f"no point at step 0 (curve starts at step {pts[0][0] if pts else None})")
-    area = 0.0
-    reached = 0
-    for (s0, v0), (s1, v1) in pairwise(pts):
-        if s1 <= horizon:
-            area += (s1 - s0) * (v0 + v1) / 2
-            reached = s1
-            if s1 == horizon:
-                break
-        else:
-            v_h = v0 + (v1 - v0) * (horizon - s0) / (s1 - s0)
-            area += (horizon - s0) * (v0 + v_h) / 2
-            reached = horizon
-            break
-    if reached < horizon:
-        raise ValueError(f"the curve ends at step {reached}, before the horizon {horizon}")
-    return area / horizon
 
 
 # --------------------------------------------------------------------------------------------------- collect
@@ -413,109 +350,6 @@ def table_markdown(results: dict[str, Any]) -> str:
         lines += ["", "**Warnings:**", ""]
         lines += [f"- {w}" for w in results["warnings"]]
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------- figures
-
-
-def _figure(ncols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    width = FIG_SIZE[0] if ncols == 1 else 12.0
-    fig, axes = plt.subplots(1, ncols, figsize=(width, FIG_SIZE[1]), dpi=FIG_DPI, layout="constrained")
-    return plt, fig, (list(axes) if ncols > 1 else [axes])
-
-
-def _save(plt, fig, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, dpi=FIG_DPI)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _band(ax, points: Sequence[dict[str, float]], key: str, se_key: str, scale: float, **style) -> None:
-    xs = [p["step"] for p in points]
-    ys = [scale * p[key] for p in points]
-    se = [scale * p[se_key] for p in points]
-    (line,) = ax.plot(xs, ys, **style)
-    ax.fill_between(
-        xs,
-        [y - e for y, e in zip(ys, se, strict=True)],
-        [y + e for y, e in zip(ys, se, strict=True)],
-        color=line.get_color(),
-        alpha=0.2,
-        linewidth=0,
-    )
-
-
-def plot_curves(results: dict[str, Any], path: Path | str) -> Path:
-    """Figure 1: held-out average sampled accuracy vs training step, one line per method (mean over seeds with
-    a ± standard-error band), the base policy as a dashed horizontal line."""
-    plt, fig, (ax,) = _figure()
-    drawn = 0
-    for i, m in enumerate(results["methods"]):
-        curve = results["aggregate"].get(m, {}).get("curve") or []
-        if not curve:
-            continue
-        n = results["aggregate"][m]["seeds"]
-        label = f"{display_name(m)} (n={n})"
-        _band(ax, curve, "mean", "se", 100.0, color=f"C{i}", marker="o", markersize=3, label=label)
-        drawn += 1
-    base = results["base"]["sampled"].get("average")
-    if base:
-        ax.axhline(100 * base["mean"], color="0.4", linestyle="--", linewidth=1.2, label="base")
-    if not drawn:
-        ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="0.3")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out accuracy, average over suites (%)")
-    ax.set_title("Held-out accuracy during training (mean ± s.e. over seeds)")
-    ax.grid(alpha=0.3)
-    if drawn or base:
-        ax.legend(fontsize=9, loc="best")
-    return _save(plt, fig, path)
-
-
-def _has_evidence(delta: Sequence[dict[str, float]]) -> bool:
-    return any(p["pos"] != 0.0 or p["neg"] != 0.0 for p in delta)
-
-
-def plot_delta(results: dict[str, Any], path: Path | str) -> Path:
-    """Figure 4: fractions of tokens with positive (left) and negative (right) Δ over training steps, for each
-    method with teacher evidence (non-zero Δ fractions: CEPO, RLSD), mean over seeds with a ± s.e. band."""
-    plt, fig, (ax_pos, ax_neg) = _figure(ncols=2)
-    drawn = []
-    for i, m in enumerate(results["methods"]):
-        delta = results["aggregate"].get(m, {}).get("delta") or []
-        if not _has_evidence(delta):
-            continue
-        _band(ax_pos, delta, "pos", "pos_se", 1.0, color=f"C{i}", label=display_name(m))
-        _band(ax_neg, delta, "neg", "neg_se", 1.0, color=f"C{i}", label=display_name(m))
-        drawn.append(m)
-    for ax, sign in ((ax_pos, "positive"), (ax_neg, "negative")):
-        ax.set_xlabel("training step")
-        ax.set_ylabel("fraction of response tokens")
-        ax.set_title(f"tokens with {sign} Δ")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=9, loc="best")
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                "no method with teacher evidence",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="0.3",
-            )
-    return _save(plt, fig, path)
 
 
 def write_report(

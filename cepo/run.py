@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from cepo.algorithm.methods import get_method
 from cepo.config import RunConfig
 from cepo.controller import Trainer, median_stages
 from cepo_proto import Problem
@@ -38,17 +39,17 @@ def eval_problems(cfg: RunConfig) -> dict[str, list[Problem]]:
 
 def _step_line(report: StepReport) -> str:
     st = report.stage_seconds
-    method = ""
-    if report.method in ("cepo", "rlsd"):
+    method, entry = "", get_method(report.method)
+    if entry.scores_evidence:
         method = (
             f"λ {report.lam:.3f} Δ+ {report.delta_pos_frac:.2f} Δ− {report.delta_neg_frac:.2f} "
             f"clip {report.weight_clip_frac:.2f}  "
         )
-    elif report.method in ("opsd", "sdpo"):
+    elif entry.learner_loss is not None:
         method = f"distill {report.distill_loss:.4f}  "
     return (
         f"step {report.step + 1:>3}  reward {report.reward_mean:.3f}  acc {report.accuracy:.3f}  "
-        f"{method}v{report.policy_version}  "
+        f"{method}v{report.policy_version}→{report.adapter_version}  "
         f"gen {st['gen']:.2f}s teacher {st['teacher']:.2f}s update {st['old_logp'] + st['update']:.2f}s "
         f"sync {st['sync']:.2f}s  ({report.step_seconds:.2f}s, {report.tokens_per_s:.0f} tok/s)"
     )
@@ -124,7 +125,7 @@ def train(
         "method": cfg.algorithm.method,
         "seed": cfg.seed,
         "steps": len(reports),
-        "policy_version": reports[-1].policy_version if reports else 0,
+        "policy_version": reports[-1].adapter_version if reports else 0,
         "eval_samples": cfg.data.eval_samples,
         "base": _averaged(base, "sampled"),
         "trained": _averaged(trained, "sampled"),

@@ -1,4 +1,4 @@
-"""Messages of one training step: rollouts, teacher requests and scores, adapter sync acks, step reports.
+"""Messages of one training step: sampling, rollouts, grading, teacher requests and scores, step reports.
 
 Token ids are short integer lists; per-token floats (log-probs) travel as float32 numpy arrays inside the Ray
 object (pickled, never JSON).
@@ -9,17 +9,27 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cepo_proto.messages import Verdict
 
 __all__ = [
+    "STAGES",
     "GenerateRequest",
+    "GradeRequest",
+    "GradeResult",
     "Rollout",
     "RolloutResult",
+    "SamplingSpec",
     "StepReport",
     "TeacherItem",
     "TeacherRequest",
     "TeacherScores",
 ]
+
+
+# The stages of one step, in Algorithm 1's order: the keys of StepReport.stage_seconds.
+STAGES = ("gen", "verify", "adv", "teacher", "old_logp", "update", "sync")
 
 
 class _Message(BaseModel):
@@ -33,14 +43,20 @@ def _float_array(value: Any) -> np.ndarray:
     return array
 
 
+class SamplingSpec(_Message):
+    """How to sample: one spec for training rollouts and for evaluation (the ``eval`` settings)."""
+
+    n: int = Field(default=1, ge=1, description="Samples per prompt (G).")
+    temperature: float = Field(default=1.0, ge=0.0, description="0: greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1, description="-1: off.")
+    max_tokens: int = Field(default=2048, ge=1)
+    presence_penalty: float = 0.0
+
+
 class GenerateRequest(_Message):
     prompts: list[list[int]] = Field(description="Prompt token ids (chat-templated student prompts).")
-    n: int = Field(ge=1, description="Samples per prompt (G).")
-    temperature: float = Field(ge=0.0)
-    top_p: float = Field(gt=0.0, le=1.0)
-    top_k: int = Field(ge=-1)
-    max_tokens: int = Field(ge=1)
-    presence_penalty: float = 0.0
+    sampling: SamplingSpec
     expected_version: int | None = Field(
         description="Adapter version the replica must be serving; a mismatch fails the request."
     )
@@ -52,7 +68,9 @@ class Rollout(_Message):
     logprobs: np.ndarray = Field(description="Sampling log-prob of each response token (float32).")
     text: str
     finish_reason: str
-    policy_version: int | None
+    policy_version: int | None = Field(
+        description="The adapter version that generated it (None: base model)."
+    )
 
     _check_logprobs = field_validator("logprobs", mode="before")(_float_array)
 
@@ -62,6 +80,25 @@ class RolloutResult(_Message):
     rollouts: list[list[Rollout]] = Field(description="For each prompt of the request, its n samples.")
     seconds: float
     generated_tokens: int
+
+
+class GradeRequest(_Message):
+    """Responses and their reference answers, row for row."""
+
+    responses: list[str]
+    answers: list[str]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> GradeRequest:
+        if len(self.responses) != len(self.answers):
+            raise ValueError(f"{len(self.responses)} responses but {len(self.answers)} answers")
+        return self
+
+
+class GradeResult(_Message):
+    replica: str
+    verdicts: list[Verdict]
+    seconds: float
 
 
 class TeacherItem(_Message):
@@ -93,12 +130,18 @@ class TeacherScores(_Message):
 
 
 class StepReport(BaseModel):
-    """One line of metrics.jsonl: what happened in a training step."""
+    """One line of metrics.jsonl: what happened in a training step.
+
+    ``policy_version`` is the adapter version the step's rollouts were generated (and scored) with;
+    ``adapter_version`` the version the step's update produced and every replica confirmed, whose checksum is
+    ``adapter_checksum`` (always ``policy_version + 1``).
+    """
 
     model_config = ConfigDict(extra="allow")
 
     step: int
     policy_version: int
+    adapter_version: int
     method: str
     lam: float
     reward_mean: float

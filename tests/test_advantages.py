@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.learner.advantages import (
+from cepo.algorithm.advantages import (
     cepo_token_advantages,
     evidence_stats,
     grpo_advantages,

@@ -66,7 +66,7 @@ def test_transformers_generates_boxed_answers_with_left_padding(tiny_model_dir: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.verifier import grade
+    from cepo_services.verifier import grade
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -129,7 +129,7 @@ def test_vllm_loads_and_test_accuracy_in_band(tiny_model_dir: Path):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from services.verifier import grade
+    from cepo_services.verifier import grade
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     problems = A.generate("test", 300, seed=21)

@@ -102,7 +102,7 @@ def test_token_weights_match_the_learner_advantages():
     """λ = 1 turns Â_t into A·w_t: the helper's weights are exactly what the learner applies."""
     import torch
 
-    from services.learner.advantages import cepo_token_advantages, rlsd_token_advantages
+    from cepo.algorithm.advantages import cepo_token_advantages, rlsd_token_advantages
 
     rng = np.random.default_rng(0)
     adv = [1.3, -0.8, 0.0]

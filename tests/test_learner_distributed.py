@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from _tiny import save_tiny_model
 
-from services.learner.distributed import LearnerError, LearnerGroup, shard_bounds
-from services.learner.policy import LoraPolicy, PolicyBatch
+from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateSettings
+from cepo_services.learner.distributed import LearnerError, LearnerGroup, shard_bounds
+from cepo_services.learner.policy import LoraPolicy, PolicyBatch
 
 # five samples of different lengths: 2 ranks get 3 and 2, and with micro-batches of 2 the ranks run 2 and 1
 SAMPLES = [
@@ -76,8 +77,10 @@ def test_two_ranks_equal_one_process(group, model_dir):
     for step, sign in enumerate(signs):  # the second step reuses the first's (now stale) old log-probs
         # per-token advantages, so that every token's gradient differs
         adv = sign.unsqueeze(1) * (1 + 0.1 * torch.arange(6.0)) * batch.response_mask
-        stats = group.update(SAMPLES, adv, old, micro_batch_size=2)
-        expected = single.update(batch, adv, expected_old, micro_batch_size=8)
+        result = update(group, SAMPLES, adv, old, micro_batch_size=2)
+        stats = result.stats
+        assert result.adapter.version == group.version == step + 1  # the learner assigns versions
+        expected = single.update(batch, adv, expected_old)
         assert stats.grad_norm > 0.1
         assert stats.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
         assert stats.loss == pytest.approx(expected.loss, rel=1e-5, abs=1e-7)
@@ -94,9 +97,18 @@ def test_two_ranks_equal_one_process(group, model_dir):
     old = group.old_logprobs(small)
     assert torch.allclose(old, single.old_logprobs(small_batch), atol=1e-5)
     adv = -small_batch.response_mask
-    stats = group.update(small, adv, old)
+    stats = update(group, small, adv, old).stats
     assert stats.grad_norm == pytest.approx(single.update(small_batch, adv, old).grad_norm, rel=1e-5)
     assert_same_state(group.lora_state(), single.lora_state())
+
+
+def update(group, samples, advantages, old_logp, *, micro_batch_size=8, **fields) -> UpdateResult:
+    """One learner update through its contract (an UpdateRequest)."""
+    settings = UpdateSettings(micro_batch_size=micro_batch_size)
+    request = UpdateRequest(
+        samples=samples, advantages=advantages, old_logp=old_logp, settings=settings, **fields
+    )
+    return group.update(request)
 
 
 def peft_logprobs(folder, model_dir, samples) -> torch.Tensor:
@@ -118,12 +130,12 @@ def peft_logprobs(folder, model_dir, samples) -> torch.Tensor:
 def test_export_adapter_loads_in_peft(group, model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    payload = group.export_adapter(version=3)
-    assert payload.version == 3 and sorted(payload.files) == [
+    payload = group.export_adapter()
+    assert payload.version == group.version and sorted(payload.files) == [
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
-    assert group.export_adapter(version=3).checksum == payload.checksum  # stable: same bytes twice
+    assert group.export_adapter().checksum == payload.checksum  # stable: same bytes twice
     folder = payload.write_to(tmp_path / "adapter")
     assert_same_state(load_file(folder / "adapter_model.safetensors"), group.lora_state(), atol=0)
     expected = group.old_logprobs(SAMPLES, micro_batch_size=3)
@@ -138,9 +150,9 @@ def test_rank_error_names_the_rank_and_group_survives(group):
     assert info.value.rank == 1
     adv = torch.zeros(5, 6)
     with pytest.raises(LearnerError, match="learner rank 1 failed in update"):
-        group.update(bad, adv, adv)
-    with pytest.raises(ValueError, match=r"advantages must be a tensor of shape \(5, 6\)"):
-        group.update(SAMPLES, adv[:4], adv)
+        update(group, bad, adv, adv)
+    with pytest.raises(ValueError, match=r"advantages must have shape \(5, 6\)"):
+        update(group, SAMPLES, adv[:4], adv)
     # a rejected input fails every rank at the agreement step, before any FSDP collective: no one is stuck
     # the same group, ranks, shards and micro-batches as `before`: the same order of operations, bit for bit
     assert torch.equal(group.old_logprobs(SAMPLES), before)
@@ -180,8 +192,6 @@ def test_rank_failing_inside_a_collective_tears_the_group_down(ray_session, mode
 def test_two_ranks_equal_one_process_with_distillation(ray_session, model_dir, kind):
     """OPSD / SDPO on sharded ranks: the teacher pass (SDPO: the EMA weights swapped in) and the EMA update
     give the same step as one process."""
-    from services.learner.policy import DistillSpec
-
     spec = DistillSpec(kind, top_k=5, ema_decay=0.9)
     teacher = [([1, 3, 3, *p[1:]], r) for p, r in SAMPLES]  # a longer context, the same responses
     group = LearnerGroup(
@@ -193,7 +203,9 @@ def test_two_ranks_equal_one_process_with_distillation(ray_session, model_dir, k
         for sign in (torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]), torch.tensor([-1.0, 0.7, 1.5, -0.2, -1.0])):
             adv = sign.unsqueeze(1) * batch.response_mask
             old = group.old_logprobs(SAMPLES, micro_batch_size=2)
-            stats = group.update(SAMPLES, adv, old, micro_batch_size=2, teacher_samples=teacher, distill=spec)
+            stats = update(
+                group, SAMPLES, adv, old, micro_batch_size=2, teacher_samples=teacher, distill=spec
+            ).stats
             expected = single.update(
                 batch, adv, single.old_logprobs(batch), teacher_batch=teacher_batch, distill=spec
             )
@@ -203,9 +215,9 @@ def test_two_ranks_equal_one_process_with_distillation(ray_session, model_dir, k
             assert_same_state(group.lora_state(), single.lora_state())
         wrong = [*teacher[:2], (teacher[2][0], [3]), *teacher[3:]]
         with pytest.raises(ValueError, match="teacher sample 2: its response differs"):
-            group.update(SAMPLES, adv, old, teacher_samples=wrong, distill=spec)
+            update(group, SAMPLES, adv, old, teacher_samples=wrong, distill=spec)
         with pytest.raises(ValueError, match=f"{kind} needs one teacher sample per sample"):
-            group.update(SAMPLES, adv, old, distill=spec)
+            update(group, SAMPLES, adv, old, distill=spec)
     finally:
         group.shutdown()
 
@@ -214,7 +226,7 @@ def test_a_taken_rendezvous_port_is_retried(ray_session, model_dir, monkeypatch)
     """Another process may take the chosen port before rank 0 binds it: the group starts on a fresh one."""
     import socket
 
-    from services.learner import distributed
+    from cepo_services.learner import distributed
 
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     busy.bind(("127.0.0.1", 0))

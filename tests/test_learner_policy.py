@@ -7,8 +7,9 @@ import torch
 from _float import half_precision_bound, logsoftmax_bound
 from _tiny import save_tiny_model
 
-from services.learner.policy import LoraPolicy, PolicyBatch
-from services.rollout.engines import TransformersEngine
+from cepo_proto.learner import UpdateSettings
+from cepo_services.common.engines import TransformersEngine
+from cepo_services.learner.policy import LoraPolicy, PolicyBatch
 
 SAMPLES = [
     ([1, 5, 9, 11], [7, 8, 2]),
@@ -43,7 +44,7 @@ def test_learner_logprobs_equal_engine_scores_after_export(model_dir):
     batch = PolicyBatch.build(SAMPLES)
     old = policy.old_logprobs(batch, micro_batch_size=3)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1) * batch.response_mask
-    policy.update(batch, adv, old, micro_batch_size=2)
+    policy.update(batch, adv, old, UpdateSettings(micro_batch_size=2))
     new = policy.old_logprobs(batch)
     assert not torch.allclose(new, old)  # the update moved the policy
 
@@ -65,7 +66,7 @@ def test_micro_batching_is_exact(model_dir):
     for micro in (1, 4):
         policy = make_policy(model_dir)
         old = policy.old_logprobs(batch)
-        norms.append(policy.update(batch, adv, old, micro_batch_size=micro).grad_norm)
+        norms.append(policy.update(batch, adv, old, UpdateSettings(micro_batch_size=micro)).grad_norm)
         grads.append([p.grad.clone() for p in policy.params])  # accumulated over the micro-batches
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
     for g1, g4 in zip(*grads, strict=True):
@@ -104,7 +105,7 @@ def _changed(a, b):
 
 
 def test_opsd_adds_a_distillation_term_and_pure_distillation_moves_the_policy(model_dir):
-    from services.learner.policy import DistillSpec
+    from cepo_proto.learner import DistillSpec
 
     batch, teacher = PolicyBatch.build(SAMPLES), PolicyBatch.build(TEACHER_SAMPLES)
     zero = torch.zeros_like(batch.response_mask)
@@ -114,9 +115,9 @@ def test_opsd_adds_a_distillation_term_and_pure_distillation_moves_the_policy(mo
         batch,
         zero,
         policy.old_logprobs(batch),
+        UpdateSettings(micro_batch_size=3),
         teacher_batch=teacher,
         distill=DistillSpec("opsd", with_pg=False),
-        micro_batch_size=3,
     )
     # A = 0 everywhere: only the KL term can move the policy
     assert stats.distill_loss > 0 and stats.loss == pytest.approx(stats.distill_loss)
@@ -128,7 +129,7 @@ def test_opsd_adds_a_distillation_term_and_pure_distillation_moves_the_policy(mo
 
 
 def test_sdpo_ema_teacher_follows_the_actor_slowly(model_dir):
-    from services.learner.policy import DistillSpec
+    from cepo_proto.learner import DistillSpec
 
     batch, teacher = PolicyBatch.build(SAMPLES), PolicyBatch.build(TEACHER_SAMPLES)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1) * batch.response_mask
@@ -153,8 +154,8 @@ def test_leakage_structure_end_to_end(model_dir):
     read the teacher anywhere but at the sampled tokens (a top-k, an entropy, any never-sampled logit) sees the
     redistributed mass and fails the gradient bound.
     """
-    from services.learner.advantages import cepo_token_advantages
-    from services.learner.policy import DistillSpec
+    from cepo.algorithm.advantages import cepo_token_advantages
+    from cepo_proto.learner import DistillSpec
 
     batch, teacher = PolicyBatch.build(SAMPLES), PolicyBatch.build(TEACHER_SAMPLES)
     seen = {t for p, r in [*SAMPLES, *TEACHER_SAMPLES] for t in (*p, *r)}

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from _float import half_precision_bound
 
-from services.learner.advantages import cepo_token_advantages
-from services.learner.losses import (
+from cepo.algorithm.advantages import cepo_token_advantages
+from cepo_services.learner.losses import (
     agg_loss,
     ema_update,
     generalized_jsd,

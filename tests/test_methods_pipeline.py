@@ -65,7 +65,7 @@ def test_method_trains_two_steps(tiny_model_dir, tmp_path, method):
         after = trainer.learner.lora_state()
     finally:
         trainer.close()
-    assert [r.policy_version for r in reports] == [1, 2]
+    assert [(r.policy_version, r.adapter_version) for r in reports] == [(0, 1), (1, 2)]
     assert _lora_b_changed(before, after)
     assert all(r.method == method for r in reports)
     teacher_s = sum(r.stage_seconds["teacher"] for r in reports)
@@ -77,6 +77,7 @@ def test_method_trains_two_steps(tiny_model_dir, tmp_path, method):
         assert teacher_s == 0 and all(r.distill_loss == 0 for r in reports)
     dump = json.loads((tmp_path / "run" / "steps" / "step_00001.json").read_text())
     assert dump["method"] == method and dump["rollouts"]
+    assert dump["policy_version"] == reports[1].policy_version == 1  # the version its rollouts came from
     scored = [r for r in dump["rollouts"] if r["scored"]]
     assert bool(scored) == (method == "rlsd")
 

@@ -13,8 +13,8 @@ import torch
 
 from cepo.config import load_config
 from cepo.controller import Trainer
-from cepo_proto.pipeline import TeacherItem, TeacherRequest
-from services.rollout.engines import score_token_logprobs
+from cepo_proto.pipeline import SamplingSpec, TeacherItem, TeacherRequest
+from cepo_services.common.engines import score_token_logprobs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -53,12 +53,15 @@ def test_two_steps_sync_every_replica(trainer):
     reports = trainer.train(2)
     after = trainer.learner.lora_state()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the adapter did not change"
-    assert [r.policy_version for r in reports] == [1, 2]
+    # each step's rollouts came from the version before its update; the update produced the next one
+    assert [(r.policy_version, r.adapter_version) for r in reports] == [(0, 1), (1, 2)]
+    assert [r.adapter_checksum for r in reports][-1] == trainer.checksum
 
     # every rollout and teacher replica serves version 2 with the learner's checksum
-    learner_checksum = trainer.learner.export_adapter(2).checksum
-    assert trainer.checksum == learner_checksum
-    actors = {**trainer.rollout, **trainer.teacher}
+    latest = trainer.learner.export_adapter()
+    assert latest.version == trainer.version == 2 and trainer.checksum == latest.checksum
+    learner_checksum = latest.checksum
+    actors = {**trainer.pools.rollout, **trainer.pools.teacher}
     assert len(actors) == 3
     for name, actor in actors.items():
         assert ray.get(actor.serving.remote(), timeout=60) == (2, learner_checksum), name
@@ -81,11 +84,12 @@ def test_teacher_logprobs_equal_a_transformers_forward(trainer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from services.teacher.replica import TeacherReplica
+    from cepo_services.teacher.replica import TeacherReplica
 
     problems = trainer.cursor.next_batch(2)
-    texts, prompt_ids = trainer._prompts(problems)
-    groups = trainer.generate(prompt_ids, n=2, temperature=1.0)
+    texts, prompt_ids = trainer.prompts(problems)
+    groups = trainer.pools.generate(prompt_ids, SamplingSpec(n=2, max_tokens=48), trainer.version)
+    assert all(r.policy_version == trainer.version for group in groups for r in group)
     items = [
         TeacherItem(
             student_prompt=texts[g],
@@ -97,7 +101,8 @@ def test_teacher_logprobs_equal_a_transformers_forward(trainer, tmp_path):
         for g, group in enumerate(groups)
         for i, r in enumerate(group)
     ]
-    pos, neg = trainer.score(items)
+    template = trainer.cfg.teacher.template
+    pos, neg = trainer.pools.score(items, temperature=1.0, template=template, version=trainer.version)
 
     base = AutoModelForCausalLM.from_pretrained(trainer.cfg.model.path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(trainer.payload.write_to(tmp_path / "adapter"))).eval()

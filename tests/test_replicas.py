@@ -8,13 +8,14 @@ import torch
 from _tiny import save_random_adapter, save_tiny_model
 from transformers import AutoTokenizer
 
-from cepo.controller import SyncError, check_acks, split_evenly
+from cepo.controller.pools import SyncError, check_acks, split_evenly
 from cepo_proto import AdapterAck, AdapterPayload
-from cepo_proto.pipeline import GenerateRequest, TeacherItem, TeacherRequest
-from services.rollout.engines import score_token_logprobs
-from services.rollout.replica import RolloutReplica, VersionMismatch
-from services.teacher.replica import TeacherReplica
-from services.teacher.sequences import chat_prompt_ids, teacher_context_ids
+from cepo_proto.pipeline import GenerateRequest, SamplingSpec, TeacherItem, TeacherRequest
+from cepo_services.common.engines import score_token_logprobs
+from cepo_services.common.replica import VersionMismatch
+from cepo_services.common.templates import chat_prompt_ids, teacher_context_ids
+from cepo_services.rollout.replica import RolloutReplica
+from cepo_services.teacher.replica import TeacherReplica
 
 PROMPT = "Compute 4+1+8. Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{}"
 
@@ -46,9 +47,10 @@ def test_rollout_replica_refuses_an_unsynced_version(assets):
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
         request = GenerateRequest(
-            prompts=[chat_prompt_ids(tok, PROMPT)], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6,
+            prompts=[chat_prompt_ids(tok, PROMPT)],
+            sampling=SamplingSpec(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6),
             expected_version=0,
-        )  # fmt: skip
+        )
         with pytest.raises(VersionMismatch, match="serves adapter version None, the step expects 0"):
             replica.generate(request)
         ack = replica.load_adapter(payload)

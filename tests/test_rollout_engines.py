@@ -11,8 +11,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from cepo_proto.adapter import AdapterPayload
-from services.rollout.engines import SamplingSpec, TransformersEngine, VLLMEngine
-from services.teacher.sequences import chat_prompt_ids
+from cepo_services.common.engines import SamplingSpec, TransformersEngine, VLLMEngine
+from cepo_services.common.templates import chat_prompt_ids
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.learner.negatives import NegativeChoice, select_negative_answers
-from services.learner.schedules import lambda_at, lr_at
+from cepo.algorithm.negatives import NegativeChoice, select_negative_answers
+from cepo.algorithm.schedules import lambda_at
+from cepo_services.learner.schedules import lr_at
 
 
 def test_linear_lambda_matches_the_paper():

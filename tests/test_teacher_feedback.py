@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 from _tiny import tiny_tokenizer
 
+from cepo.algorithm.feedback import negative_text, peer_for, positive_texts, reference_text, split_half
+from cepo.algorithm.negatives import select_negative_answers
 from cepo.config import load_config
-from cepo.controller import Trainer, _Batch
-from cepo_proto import Problem
 from cepo_proto.pipeline import Rollout
-from services.learner.negatives import select_negative_answers
-from services.teacher.feedback import peer_for, reference_text, split_half
-from services.teacher.sequences import build_teacher_sequence, teacher_context_ids
+from cepo_services.common.templates import build_teacher_sequence, teacher_context_ids
 
 PROMPT = "Compute 4+1+8. Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{}"
 
@@ -91,18 +89,16 @@ def test_every_variant_builds_the_specified_sequence(tok, tmp_path, template, po
             f"teacher.negative={negative}",
         ],
     )
-    trainer = Trainer(cfg, tmp_path)
-    trainer.tokenizer = tok
     texts = ["4+1=5. 5+8=13. \\boxed{13}", "4+1=5. 5+8=12. \\boxed{12}", "4+1=5. 5+8=13. So \\boxed{13}"]
-    batch = _Batch([Problem(id="p", problem="Compute 4+1+8.", answer="13")], [PROMPT], [[1, 2]])
-    batch.rollouts = [_rollout(tok, t) for t in texts]
+    rollouts = [_rollout(tok, t) for t in texts]
+    ids = [r.response_ids for r in rollouts]
     rewards, correct = [1.0, 0.0, 1.0], [True, False, True]
     choice = select_negative_answers(rewards, [0, 0, 0], ["13", "12", "13"], correct)[0]
     assert choice.index == 1
 
     scored = 0  # the first (correct) rollout
-    peer_ids = batch.rollouts[2].response_ids  # its correct peer
-    wrong_ids = batch.rollouts[1].response_ids
+    peer_ids = rollouts[2].response_ids  # its correct peer
+    wrong_ids = rollouts[1].response_ids
     expected_pos = {
         "ground_truth": "13",
         "peer_full": tok.decode(peer_ids),
@@ -115,16 +111,17 @@ def test_every_variant_builds_the_specified_sequence(tok, tmp_path, template, po
         "prefix": tok.decode(split_half(wrong_ids)[0]),
         "suffix": tok.decode(split_half(wrong_ids)[1]),
     }[negative]
-    pos = trainer._positive_text(scored, batch, [0, 1, 2], rewards, correct)
-    neg = trainer._negative_text(choice, batch)
+    kind = cfg.teacher.positive
+    pos = positive_texts(kind, [0, 0, 0], ["13"], rewards, correct, ids, tok)[scored]
+    neg = negative_text(cfg.teacher.negative, choice, ids, tok)
     assert (pos, neg) == (expected_pos, expected_neg)
 
     build = _paper if template == "paper" else _official
-    response = batch.rollouts[scored].response_ids
+    response = rollouts[scored].response_ids
     for text in (pos, neg):
         seq = build_teacher_sequence(teacher_context_ids(tok, PROMPT, text, template), response)
         assert seq.input_ids == [*build(tok, text), *response]
         assert seq.response_ids == response
 
     # the only correct rollout of a group has no peer: r⁺ falls back to the ground truth, never itself
-    assert trainer._positive_text(scored, batch, [0, 1], rewards, correct) == "13"
+    assert positive_texts(kind, [0, 0, 1], ["13", "7"], rewards, correct, ids, tok)[scored] == "13"

@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from services.rollout.engines import score_token_logprobs
-from services.teacher.sequences import build_teacher_sequence, chat_prompt_ids, teacher_context_ids
+from cepo_services.common.engines import score_token_logprobs
+from cepo_services.common.templates import build_teacher_sequence, chat_prompt_ids, teacher_context_ids
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -52,6 +52,7 @@ def report(step: int, **overrides) -> StepReport:
     fields = dict(
         step=step,
         policy_version=step,
+        adapter_version=step + 1,
         method="cepo",
         lam=0.5,
         reward_mean=0.25,
@@ -250,11 +251,11 @@ def test_replicas_record_their_metrics(tmp_path):
     from transformers import AutoTokenizer
 
     from cepo_proto import AdapterPayload
-    from cepo_proto.pipeline import GenerateRequest, TeacherItem, TeacherRequest
-    from services.rollout.replica import RolloutReplica
-    from services.teacher.replica import TeacherReplica
-    from services.teacher.sequences import chat_prompt_ids
-    from services.verifier.replica import VerifierReplica
+    from cepo_proto.pipeline import GenerateRequest, GradeRequest, SamplingSpec, TeacherItem, TeacherRequest
+    from cepo_services.common.templates import chat_prompt_ids
+    from cepo_services.rollout.replica import RolloutReplica
+    from cepo_services.teacher.replica import TeacherReplica
+    from cepo_services.verifier.replica import VerifierReplica
 
     model_dir = save_tiny_model(tmp_path / "model")
     payload = AdapterPayload.from_dir(3, save_random_adapter(model_dir, tmp_path / "adapter", seed=1))
@@ -270,7 +271,7 @@ def test_replicas_record_their_metrics(tmp_path):
         assert get("cepo_rollout_adapter_version", {"replica": "tel-rollout-0"}) == 3
         prompt_ids = chat_prompt_ids(AutoTokenizer.from_pretrained(model_dir), prompt)
         request = GenerateRequest(
-            prompts=[prompt_ids], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=5, expected_version=3
+            prompts=[prompt_ids], sampling=SamplingSpec(n=2, max_tokens=5), expected_version=3
         )
         result = rollout.generate(request)
         labels = {"replica": "tel-rollout-0"}
@@ -305,7 +306,8 @@ def test_replicas_record_their_metrics(tmp_path):
     verifier = VerifierReplica("tel-verifier-0")
     try:
         assert verifier.metrics_endpoint(0)[1] == telemetry.serve_metrics(0)
-        verdicts = verifier.grade_batch(["so \\boxed{13}", "so \\boxed{12}", "no box"], ["13", "13", "13"])
+        request = GradeRequest(responses=["so \\boxed{13}", "so \\boxed{12}", "no box"], answers=["13"] * 3)
+        verdicts = verifier.grade(request).verdicts
         labels = {"replica": "tel-verifier-0"}
         assert get("cepo_verifier_request_seconds_count", labels) == 1
         assert get("cepo_verifier_timeouts_total", labels) == 0  # exists (at 0) before the first timeout

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cepo_proto import Verdict
-from services.verifier import REASONS, Grader, default_grader, extract_last_boxed, grade, grade_batch
-from services.verifier import extract as ex
+from cepo_services.verifier import REASONS, Grader, default_grader, extract_last_boxed, grade, grade_batch
+from cepo_services.verifier import extract as ex
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -365,7 +365,7 @@ def test_grade_inside_ray_actor(ray_session):
     @ray.remote(num_cpus=1)
     class GradingActor:
         def __init__(self) -> None:
-            from services.verifier import Grader
+            from cepo_services.verifier import Grader
 
             self.grader = Grader(timeout_s=1.0, prescreen=False)
 
@@ -382,7 +382,7 @@ def test_grade_inside_ray_actor(ray_session):
             return out[0].model_dump()
 
         def module_grade(self, response, answer, in_thread):
-            from services.verifier import grade
+            from cepo_services.verifier import grade
 
             out = []
             t = threading.Thread(target=lambda: out.append(grade(response, answer, timeout_s=0.5)))

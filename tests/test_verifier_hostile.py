@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cepo_proto import Verdict
-from services.verifier import Grader
+from cepo_services.verifier import Grader
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -254,7 +254,7 @@ def test_worker_exits_with_its_parent(tmp_path: Path):
     script = textwrap.dedent(
         """
         import os, sys
-        from services.verifier import Grader
+        from cepo_services.verifier import Grader
         g = Grader()
         g.warm_up()
         print(g.worker_pid, flush=True)

@@ -1,9 +1,9 @@
 """Training and evaluation data: loaders that turn files and generators into problem records, and the cursor."""
 
 from cepo.data.cursor import DataCursor, dataset_fingerprint
+from cepo.data.errors import DataError
 from cepo.data.loaders import (
     IMAGE_PLACEHOLDER,
-    DataError,
     LoadResult,
     SkippedRow,
     from_config,

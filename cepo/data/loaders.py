@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cepo.data.errors import DataError
 from cepo_proto.messages import Problem
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ IMAGE_PLACEHOLDER = "<image>"
 OnBadRow = Literal["error", "skip"]
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
-
-
-class DataError(ValueError):
-    """A data problem: a bad row, a missing file, an unknown format, an empty dataset."""
 
 
 @dataclass(frozen=True)

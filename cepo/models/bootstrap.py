@@ -254,7 +254,7 @@ def _train(
 
 
 def _grade(response: str, answer: str) -> bool:
-    from services.verifier import grade
+    from cepo_services.verifier import grade
 
     return bool(grade(response, answer).correct)
 
@@ -385,7 +385,7 @@ def _build(
             f"({settings.num_heads} heads of {settings.hidden_size // settings.num_heads}), {n_params:,} parameters"
         )
         training = _train(model, tok, pool, settings, deadline, log)
-        log("evaluating on held-out splits (transformers generate, graded by services.verifier)")
+        log("evaluating on held-out splits (transformers generate, graded by cepo_services.verifier)")
         accuracy = _evaluate_all(model, tok, settings, log)
         manifest = {
             "kind": "tiny-arith",

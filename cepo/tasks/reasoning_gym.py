@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cepo.data.loaders import DataError
+from cepo.data.errors import DataError
 from cepo_proto.messages import Problem
 
 __all__ = ["SUPPORTED_TASKS", "generate", "generate_mixture", "score_answer", "source_entry"]

@@ -1,1 +1,1 @@
-"""Learner service: the paper's math (advantages, losses, schedules, r⁻ choice) and, later, the FSDP policy."""
+"""Learner service: the LoRA policy, its losses and learning-rate schedule, and the FSDP2 ranks."""

@@ -1,7 +1,7 @@
 """The distributed learner: N Ray actors, one torch.distributed process group, FSDP2 over the LoRA policy.
 
 The driver-side :class:`LearnerGroup` starts ``ranks`` :class:`LearnerRank` actors that join one process group
-(gloo on CPU, NCCL when each rank has a GPU) and each own a :class:`~services.learner.policy.LoraPolicy`
+(gloo on CPU, NCCL when each rank has a GPU) and each own a :class:`~cepo_services.learner.policy.LoraPolicy`
 built with ``fsdp=True``. Every call takes plain data — samples as (prompt ids, response ids), tensors for
 the rest — and shards the batch contiguously across ranks (as even as possible; with fewer samples than
 ranks some shards are empty).
@@ -33,10 +33,10 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from cepo import telemetry
 from cepo_proto.adapter import AdapterPayload
-from services.learner.losses import AGG_MODES
-from services.learner.policy import DistillSpec, LoraPolicy, PolicyBatch, UpdateStats
+from cepo_proto.learner import UpdateRequest, UpdateResult, UpdateStats
+from cepo_services.common import metrics
+from cepo_services.learner.policy import LoraPolicy, PolicyBatch
 
 __all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "shard_bounds"]
 
@@ -212,7 +212,7 @@ class LearnerRank:
         stats = self.policy.update(
             batch, advantages[:, :width], old_logp[:, :width], teacher_batch=teacher, **options
         )
-        telemetry.observe_learner_update(
+        metrics.observe_learner_update(
             self.rank, stats.loss, stats.grad_norm, stats.clip_frac, time.perf_counter() - start
         )
         return stats
@@ -221,12 +221,12 @@ class LearnerRank:
         state = self.policy.lora_state()
         return state if self.rank == 0 else None
 
-    def export_adapter(self, version: int) -> AdapterPayload | None:
-        return self.policy.export_adapter(version)
+    def export_adapter(self) -> AdapterPayload | None:
+        return self.policy.export_adapter()
 
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this rank's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
-        return telemetry.endpoint(port)
+        return metrics.endpoint(port)
 
     def shutdown(self) -> None:
         import torch.distributed as dist
@@ -266,6 +266,7 @@ class LearnerGroup:
         if reserved:
             raise ValueError(f"policy_kwargs may not set {sorted(reserved)}: the group chooses them")
         self.ranks, self.backend = ranks, backend
+        self._version = 0
         self.timeout_s, self.grace_s = timeout_s, grace_s
         threads = max(1, int(cpus_per_rank))
         for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -365,55 +366,32 @@ class LearnerGroup:
         width = _response_width(samples)
         return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
 
-    def update(
-        self,
-        samples: Samples,
-        advantages: torch.Tensor,
-        old_logp: torch.Tensor,
-        *,
-        micro_batch_size: int = 8,
-        clip_low: float = 0.2,
-        clip_high: float = 0.28,
-        loss_agg: str = "token-mean",
-        teacher_samples: Samples | None = None,
-        distill: DistillSpec | None = None,
-    ) -> UpdateStats:
-        """One optimizer step on every rank over the whole batch; stats aggregated over the ranks.
+    @property
+    def version(self) -> int:
+        """The policy version the learner holds: 0 before any update, + 1 per update (assigned here only)."""
+        return self._version
 
-        OPSD / SDPO: ``distill`` and ``teacher_samples``, row i being (teacher context with r⁺, response i).
+    def update(self, request: UpdateRequest) -> UpdateResult:
+        """One optimizer step on every rank over the whole batch; the adapter it produced, at version + 1.
+
+        Stats are aggregated over the ranks. OPSD / SDPO: ``request.distill`` and ``request.teacher_samples``.
         """
+        start = time.perf_counter()
         actors = self._live()
-        samples = [(list(p), list(r)) for p, r in samples]
-        bounds, micro = self._shards(samples, micro_batch_size)
-        if loss_agg not in AGG_MODES:
-            raise ValueError(f"unknown loss aggregation {loss_agg!r}; allowed: {', '.join(AGG_MODES)}")
-        shape = (len(samples), _response_width(samples))
-        for name, t in (("advantages", advantages), ("old_logp", old_logp)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must be a tensor of shape {shape}, got {got}")
-        if distill is not None:
-            if teacher_samples is None or len(teacher_samples) != len(samples):
-                got = "none" if teacher_samples is None else len(teacher_samples)
-                raise ValueError(
-                    f"{distill.kind} needs one teacher sample per sample ({len(samples)}), got {got}"
-                )
-            teacher_samples = [(list(p), list(r)) for p, r in teacher_samples]
-            for i, ((_, r), (_, tr)) in enumerate(zip(samples, teacher_samples, strict=True)):
-                if r != tr:
-                    raise ValueError(f"teacher sample {i}: its response differs from sample {i}'s")
+        samples = [(list(p), list(r)) for p, r in request.samples]
+        settings = request.settings
+        bounds, micro = self._shards(samples, settings.micro_batch_size)
         tokens = [sum(len(r) for _, r in samples[start:stop]) for start, stop in bounds]
         options = {
-            "micro_batch_size": micro_batch_size,
-            "clip_low": clip_low,
-            "clip_high": clip_high,
-            "loss_agg": loss_agg,
+            "settings": settings,
             "global_tokens": float(sum(tokens)),
             "global_seqs": float(len(samples)),
             "num_micro_batches": micro,
-            "distill": distill,
+            "distill": request.distill,
         }
-        advantages, old_logp = advantages.detach().cpu(), old_logp.detach().cpu()
+        advantages = torch.tensor(request.advantages)
+        old_logp = torch.tensor(request.old_logp)
+        teacher = request.teacher_samples
         refs = [
             a.update.remote(
                 samples[start:stop],
@@ -421,13 +399,14 @@ class LearnerGroup:
                 advantages[start:stop],
                 old_logp[start:stop],
                 options,
-                None if distill is None else teacher_samples[start:stop],
+                None if request.distill is None else [(list(p), list(r)) for p, r in teacher[start:stop]],
             )
             for a, (start, stop) in zip(actors, bounds, strict=True)
         ]
         stats: list[UpdateStats] = self._call("update", refs)
+        self._version += 1
         total = float(sum(tokens))
-        return UpdateStats(
+        merged = UpdateStats(
             loss=sum(s.loss for s in stats),
             clip_frac=sum(s.clip_frac * n for s, n in zip(stats, tokens, strict=True)) / total,
             approx_kl=sum(s.approx_kl * n for s, n in zip(stats, tokens, strict=True)) / total,
@@ -435,13 +414,15 @@ class LearnerGroup:
             lr=stats[0].lr,
             distill_loss=sum(s.distill_loss for s in stats),
         )
+        adapter = self.export_adapter()
+        return UpdateResult(stats=merged, adapter=adapter, seconds=time.perf_counter() - start)
 
-    def export_adapter(self, version: int) -> AdapterPayload:
-        """The full adapter (gathered across ranks) in PEFT's file format, as rank 0 writes it."""
-        if version < 0:
-            raise ValueError(f"adapter version must be ≥ 0, got {version}")
-        payload = self._call("export_adapter", [a.export_adapter.remote(version) for a in self._live()])[0]
+    def export_adapter(self) -> AdapterPayload:
+        """The full adapter (gathered across ranks) in PEFT's file format, as rank 0 writes it, at :attr:`version`."""
+        payload = self._call("export_adapter", [a.export_adapter.remote() for a in self._live()])[0]
         assert payload is not None, "rank 0 returned no adapter"
+        if payload.version != self._version:
+            raise LearnerError(f"rank 0 exported version {payload.version}, the group holds {self._version}")
         return payload
 
     def metrics_endpoints(self, ports: Sequence[int]) -> list[tuple[str, int]]:

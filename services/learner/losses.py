@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cepo_proto.learner import AGG_MODES
+
 __all__ = [
     "AGG_MODES",
     "PolicyLoss",
@@ -31,8 +33,6 @@ __all__ = [
     "sdpo_loss",
     "token_kl",
 ]
-
-AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
 
 def agg_loss(

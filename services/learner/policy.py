@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from cepo_proto.adapter import AdapterPayload
-from services.learner.losses import ema_update, opsd_loss, ppo_clip_loss, sdpo_loss
-from services.learner.schedules import lr_at
+from cepo_proto.learner import DistillSpec, UpdateSettings, UpdateStats
+from cepo_services.learner.losses import ema_update, opsd_loss, ppo_clip_loss, sdpo_loss
+from cepo_services.learner.schedules import lr_at
 
-__all__ = ["DistillSpec", "LoraPolicy", "PolicyBatch", "UpdateStats"]
+__all__ = ["LoraPolicy", "PolicyBatch"]
 
 
 @dataclass
@@ -91,43 +92,6 @@ def _dummy_batch(pad_id: int = 0) -> PolicyBatch:
         torch.zeros((1, 1), dtype=torch.float32),
         torch.ones((1, 1), dtype=torch.long),
     )
-
-
-@dataclass(frozen=True)
-class UpdateStats:
-    loss: float
-    clip_frac: float
-    approx_kl: float
-    grad_norm: float
-    lr: float
-    distill_loss: float = 0.0  # the distillation term alone (OPSD / SDPO), already weighted
-
-
-@dataclass(frozen=True)
-class DistillSpec:
-    """The distribution-matching baselines (paper Table 7): what the update adds to (or uses instead of) PPO.
-
-    - ``opsd``: KL(P_T⁺ ‖ P_S) over the whole vocabulary, the teacher being the current actor with r⁺ in
-      context (a no-grad forward of the same weights, before this step's optimizer step).
-    - ``sdpo``: generalised JSD_α(P_T⁺, P_S) over the student's top-k tokens plus a tail bucket, the teacher
-      being an EMA of the actor (decay β, updated after every optimizer step), with r⁺ in context.
-
-    ``with_pg``: loss = PPO-clip(GRPO A) + weight · D (the paper's EasyR1 reimplementation, "distillation
-    weight α"); False: loss = weight · D alone (the original on-policy distillation recipe).
-    """
-
-    kind: str
-    weight: float = 1.0
-    alpha: float = 0.5
-    top_k: int | None = 100
-    ema_decay: float = 0.999
-    with_pg: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("opsd", "sdpo"):
-            raise ValueError(f"distillation kind must be 'opsd' or 'sdpo', got {self.kind!r}")
-        if self.weight < 0:
-            raise ValueError(f"distillation weight must be ≥ 0, got {self.weight}")
 
 
 class LoraPolicy:
@@ -268,11 +232,8 @@ class LoraPolicy:
         batch: PolicyBatch,
         advantages: torch.Tensor,
         old_logp: torch.Tensor,
+        settings: UpdateSettings = UpdateSettings(),  # noqa: B008 (frozen)
         *,
-        micro_batch_size: int = 8,
-        clip_low: float = 0.2,
-        clip_high: float = 0.28,
-        loss_agg: str = "token-mean",
         global_tokens: float | None = None,
         global_seqs: float | None = None,
         num_micro_batches: int | None = None,
@@ -308,6 +269,7 @@ class LoraPolicy:
         seqs = float(len(batch)) if global_seqs is None else global_seqs
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = clip_sum = kl_sum = distill_sum = 0.0
+        micro_batch_size = settings.micro_batch_size
         starts = list(range(0, len(batch), micro_batch_size))
         total = max(len(starts), num_micro_batches or 0)
         ema = distill is not None and distill.kind == "sdpo"
@@ -333,9 +295,9 @@ class LoraPolicy:
                 old_logp[start:stop, :width].to(self.device),
                 advantages[start:stop, :width].to(self.device),
                 mask,
-                clip_low,
-                clip_high,
-                loss_agg,
+                settings.clip_low,
+                settings.clip_high,
+                settings.loss_agg,
                 global_tokens=tokens,
                 global_seqs=seqs,
             )
@@ -395,8 +357,14 @@ class LoraPolicy:
         )
 
     # ------------------------------------------------------------------ export
-    def export_adapter(self, version: int) -> AdapterPayload | None:
-        """The current adapter as a payload (PEFT's own file format, so PeftModel and vLLM load it).
+    @property
+    def version(self) -> int:
+        """The policy version: 0 for the initial adapter (LoRA B = 0, the base policy), + 1 per update."""
+        return self.step
+
+    def export_adapter(self, version: int | None = None) -> AdapterPayload | None:
+        """The current adapter as a payload (PEFT's own file format, so PeftModel and vLLM load it), stamped
+        with :attr:`version` (``version`` overrides it: a standalone policy exported under another name).
 
         Under FSDP this is a collective (every rank must call it); rank 0 returns the payload, the others None.
         """
@@ -407,7 +375,7 @@ class LoraPolicy:
             return None
         with tempfile.TemporaryDirectory(prefix="cepo-export-") as tmp:
             self.model.save_pretrained(tmp, state_dict=state)
-            return AdapterPayload.from_dir(version, tmp)
+            return AdapterPayload.from_dir(self.version if version is None else version, tmp)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """The full LoRA state in PEFT's naming, on CPU (under FSDP a collective: every rank must call it)."""

@@ -1,1 +1,1 @@
-"""Rollout service: generation engines (vLLM, transformers) and the replica actor."""
+"""Rollout service: the replica that generates G responses per prompt with the adapter version it serves."""

@@ -1,1 +1,1 @@
-"""Teacher service: answer-conditioned contexts; their log-probs come from the engines' ``score``."""
+"""Teacher service: the replica that scores the student's sampled tokens under answer-conditioned contexts."""

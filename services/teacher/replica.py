@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 
-from cepo import telemetry
 from cepo_proto.pipeline import TeacherRequest, TeacherScores
-from services.rollout.replica import EngineReplica
-from services.teacher.sequences import build_teacher_sequence, teacher_context_ids
+from cepo_services.common import metrics
+from cepo_services.common.replica import EngineReplica
+from cepo_services.common.templates import build_teacher_sequence, teacher_context_ids
 
 __all__ = ["TeacherReplica"]
 
@@ -56,7 +56,7 @@ class TeacherReplica(EngineReplica):
         return pairs, where
 
     def score(self, request: TeacherRequest) -> TeacherScores:
-        with telemetry.track_teacher(self.name) as tracked:
+        with metrics.track_teacher(self.name) as tracked:
             scores = self._score(request)
             tracked.tokens = scores.scored_tokens
         return scores

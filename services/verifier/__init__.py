@@ -46,8 +46,8 @@ extracted answer otherwise. The grader never raises on input text; it raises ``V
 values (naming the option) and :class:`WorkerStartError` if the worker process cannot start at all.
 """
 
-from services.verifier.extract import extract_last_boxed
-from services.verifier.grader import (
+from cepo_services.verifier.extract import extract_last_boxed
+from cepo_services.verifier.grader import (
     REASONS,
     Grader,
     WorkerStartError,

@@ -1,6 +1,6 @@
 """The verifier's sandboxed math-verify worker.
 
-Run as a separate process (``python -I _worker.py MEMORY_MB``) by :class:`services.verifier.Grader`; it
+Run as a separate process (``python -I _worker.py MEMORY_MB``) by :class:`cepo_services.verifier.Grader`; it
 imports nothing from this project, so it starts the same way in a test, a Ray actor or a Serve replica.
 The parent bounds every request in wall-clock time and kills this process when it runs over: nothing in
 here needs signals or timers (math-verify's own signal-based timeouts are switched off).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cepo_proto import Verdict
-from services.verifier import extract
+from cepo_services.verifier import extract
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 

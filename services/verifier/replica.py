@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from cepo import telemetry
-from cepo_proto import Verdict
-from services.verifier.grader import Grader
+from cepo_proto.pipeline import GradeRequest, GradeResult
+from cepo_services.common import metrics
+from cepo_services.verifier.grader import Grader
 
 __all__ = ["VerifierReplica"]
 
@@ -19,15 +19,16 @@ class VerifierReplica:
         self.grader = Grader(format_weight=format_weight, timeout_s=timeout_s, max_chars=max_chars)
         self.grader.warm_up()
 
-    def grade_batch(self, responses: list[str], answers: list[str]) -> list[Verdict]:
+    def grade(self, request: GradeRequest) -> GradeResult:
         start = time.perf_counter()
-        verdicts = self.grader.grade_batch(responses, answers)
-        telemetry.observe_verdicts(self.name, verdicts, time.perf_counter() - start)
-        return verdicts
+        verdicts = self.grader.grade_batch(request.responses, request.answers)
+        seconds = time.perf_counter() - start
+        metrics.observe_verdicts(self.name, verdicts, seconds)
+        return GradeResult(replica=self.name, verdicts=verdicts, seconds=seconds)
 
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
-        return telemetry.endpoint(port)
+        return metrics.endpoint(port)
 
     def shutdown(self) -> None:
         self.grader.close()

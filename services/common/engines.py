@@ -20,34 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cepo_proto.adapter import AdapterPayload, checksum_files
+from cepo_proto.pipeline import SamplingSpec
 
 __all__ = [
     "Completion",
     "Engine",
-    "SamplingSpec",
+    "SamplingSpec",  # re-exported from cepo_proto.pipeline: one spec for rollout and evaluation
     "TransformersEngine",
     "VLLMEngine",
     "make_engine",
     "score_token_logprobs",
 ]
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: off
-    max_tokens: int = 2048
-    presence_penalty: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)

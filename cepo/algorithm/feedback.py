@@ -21,7 +21,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["NEGATIVE_SOURCES", "POSITIVE_SOURCES", "peer_for", "reference_text", "split_half"]
+__all__ = [
+    "NEGATIVE_SOURCES",
+    "POSITIVE_SOURCES",
+    "negative_text",
+    "peer_for",
+    "positive_texts",
+    "reference_text",
+    "split_half",
+]
 
 POSITIVE_SOURCES = ("ground_truth", "peer_full", "peer_prefix", "peer_suffix")
 NEGATIVE_SOURCES = ("answer", "full", "prefix", "suffix")
@@ -67,3 +75,39 @@ def peer_for(
         if best is None or rewards[i] > rewards[best]:
             best = i
     return best
+
+
+def positive_texts(
+    kind: str,
+    groups: Sequence[int],
+    answers: Sequence[str],
+    rewards: Sequence[float],
+    correct: Sequence[bool],
+    response_ids: Sequence[Sequence[int]],
+    tokenizer: Any,
+) -> list[str]:
+    """r⁺ of every row: its group's ground truth (``answers[group]``), or part of the row's correct peer."""
+    members: dict[int, list[int]] = {}
+    for row, group in enumerate(groups):
+        members.setdefault(group, []).append(row)
+    texts = []
+    for row, group in enumerate(groups):
+        answer = answers[group]
+        peer = None if kind == "ground_truth" else peer_for(row, members[group], rewards, correct)
+        if peer is None:  # ground truth asked for, or no correct peer besides the row itself
+            texts.append(answer)
+            continue
+        text = reference_text(kind, answer=None, response_ids=response_ids[peer], tokenizer=tokenizer)
+        texts.append(text or answer)
+    return texts
+
+
+def negative_text(
+    kind: str, choice: Any, response_ids: Sequence[Sequence[int]], tokenizer: Any
+) -> str | None:
+    """r⁻ of a group: the chosen rejected rollout's answer, or (part of) its response; None → score under P_S."""
+    if choice is None:
+        return None
+    return reference_text(
+        kind, answer=choice.answer, response_ids=response_ids[choice.index], tokenizer=tokenizer
+    )

@@ -1,0 +1,96 @@
+"""The run's Ray cluster and the config → service settings mapping, in one place for training and ``cepo eval``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from cepo.config import RunConfig
+from cepo_proto.pipeline import SamplingSpec
+
+__all__ = ["engine_options", "eval_modes", "policy_options", "start_ray", "train_sampling"]
+
+
+def start_ray(cfg: RunConfig) -> None:
+    """Attach to ``resources.ray_address`` or start a local Ray sized for every replica and learner rank."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    res = cfg.resources
+    needed = (
+        (cfg.rollout.replicas + cfg.teacher.replicas) * res.cpus_per_replica
+        + cfg.verifier.replicas
+        + cfg.learner.ranks * res.cpus_per_learner_rank
+    )
+    ray.init(
+        address=res.ray_address,
+        num_cpus=None if res.ray_address else max(int(np.ceil(needed)), res.num_cpus or 1),
+        num_gpus=res.num_gpus,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+
+
+def engine_options(cfg: RunConfig, backend: str, seed: int) -> dict[str, Any]:
+    """Keyword arguments of ``make_engine`` for a rollout or teacher engine (or ``cepo eval``'s)."""
+    if backend == "transformers":
+        return {"dtype": cfg.model.dtype, "seed": seed}
+    return {
+        "dtype": cfg.model.dtype,
+        "max_model_len": cfg.model.max_seq_len,
+        "max_lora_rank": max(cfg.model.lora.rank, 8),  # vLLM's smallest supported LoRA rank is 8
+        "seed": seed,
+        "enforce_eager": cfg.rollout.enforce_eager,
+        "kv_cache_gib": cfg.rollout.kv_cache_gib,
+        "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+    }
+
+
+def policy_options(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of the learner's ``LoraPolicy`` (model, LoRA, optimizer and schedule settings)."""
+    return {
+        "rank": cfg.model.lora.rank,
+        "alpha": cfg.model.lora.alpha,
+        "dropout": cfg.model.lora.dropout,
+        "target_modules": tuple(cfg.model.lora.target_modules),
+        "dtype": cfg.model.dtype,
+        "lr": cfg.learning_rate,
+        "total_steps": cfg.algorithm.steps,
+        "warmup_steps": cfg.learner.warmup_steps,
+        "lr_schedule": cfg.learner.lr_schedule,
+        "weight_decay": cfg.learner.weight_decay,
+        "betas": tuple(cfg.learner.betas),
+        "grad_clip": cfg.learner.grad_clip,
+        "temperature": cfg.rollout.temperature,
+        "seed": cfg.seed,
+    }
+
+
+def train_sampling(cfg: RunConfig) -> SamplingSpec:
+    """The rollouts' sampling: G samples per prompt at the rollout settings."""
+    r = cfg.rollout
+    return SamplingSpec(
+        n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens
+    )
+
+
+def eval_modes(cfg: RunConfig, *, greedy: bool) -> list[tuple[str, SamplingSpec]]:
+    """Held-out evaluation's sampling: ``sampled`` (the ``eval`` settings, ``data.eval_samples`` per problem)
+    and, with ``greedy``, one greedy sample per problem."""
+    ev = cfg.eval
+    sampled = SamplingSpec(
+        n=cfg.data.eval_samples,
+        temperature=ev.temperature,
+        top_p=ev.top_p,
+        top_k=ev.top_k,
+        presence_penalty=ev.presence_penalty,
+        max_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens,
+    )
+    modes = [("sampled", sampled)]
+    if greedy:
+        modes.append(("greedy", sampled.model_copy(update={"n": 1, "temperature": 0.0})))
+    return modes

@@ -1,0 +1,168 @@
+"""The step recorder: everything a run leaves behind — the run folder (config, metrics.jsonl, per-token evidence,
+checkpoints, the latest adapter), the Redis ledger, the controller's Prometheus metrics and scrape targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cepo import telemetry
+from cepo.algorithm.advantages import evidence_delta, evidence_weights
+from cepo.config import RunConfig, dump_config
+from cepo.controller.state import StepState
+from cepo_proto import AdapterPayload
+from cepo_proto.pipeline import StepReport
+
+__all__ = ["StepRecorder"]
+
+
+def _finite(values: torch.Tensor) -> list[float]:
+    """JSON-safe floats: an impossible token's log-prob (−inf) becomes −1e4, NaN 0."""
+    return torch.nan_to_num(values.float(), nan=0.0, neginf=-1e4, posinf=1e4).tolist()
+
+
+class StepRecorder:
+    """Writes one run's records; every write is atomic (temporary file + rename) or an append of whole lines."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, run_id: str, log: Callable[[str], None]) -> None:
+        self.cfg, self.run_dir, self.run_id, self.log = cfg, run_dir, run_id, log
+        self.ledger = None
+        self._ledger_open = False  # a ledger record was started and not yet finished
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+    def open(self) -> None:
+        """Reach the ledger first (a configured but unreachable Redis is an error before any service starts),
+        then write the resolved config and start the ledger record."""
+        cfg = self.cfg
+        if cfg.logging.redis_url:
+            from cepo.ledger import RunLedger
+
+            self.ledger = RunLedger(cfg.logging.redis_url)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if self.ledger is not None:
+            self.ledger.start_run(
+                self.run_id,
+                name=cfg.name,
+                method=cfg.algorithm.method,
+                config=cfg.model_dump(mode="json"),
+                run_dir=str(self.run_dir.resolve()),
+            )
+            self._ledger_open = True
+
+    def targets(self, service_targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Serve the controller's /metrics and write every endpoint to prometheus_targets.json."""
+        base = self.cfg.logging.metrics_port
+        host, port = telemetry.endpoint(telemetry.service_port(base, "controller"))
+        targets = [{"service": "controller", "host": host, "port": port, "replica": "controller"}]
+        targets += service_targets
+        for target in targets:
+            target["run"] = self.run_id
+        telemetry.write_prometheus_targets(self.run_dir / "prometheus_targets.json", targets)
+        return targets
+
+    def record(self, report: StepReport, samples: Sequence[dict[str, Any]]) -> None:
+        """metrics.jsonl, the controller's gauges and the ledger (with a few sample rollouts)."""
+        with self.metrics_path.open("a") as fh:
+            fh.write(report.model_dump_json() + "\n")
+        if self.cfg.logging.metrics_port is not None:
+            telemetry.observe_step(report)
+        if self.ledger is not None:
+            self.ledger.record_step(self.run_id, report.model_dump(mode="json"), list(samples))
+
+    def dump_tokens(self, ev: StepState, policy_version: int, tokenizer: Any) -> None:
+        """steps/step_NNNNN.json: per-token evidence of some of the step's rollouts (``cepo inspect``)."""
+        limit = self.cfg.logging.token_dump_rollouts
+        if limit <= 0:
+            return
+        n_rows = len(ev.rollouts)
+        eps_w = self.cfg.algorithm.eps_w
+        scored = torch.zeros(n_rows, dtype=torch.bool) if ev.logp_pos is None else (ev.seq_adv != 0)
+        order = [i for i in range(n_rows) if scored[i]] + [i for i in range(n_rows) if not scored[i]]
+        weights = {}
+        if ev.logp_pos is not None:
+            delta = evidence_delta(ev.logp_pos, ev.logp_neg, ev.mask)
+            weights = {
+                "delta": delta,
+                "w_cepo": evidence_weights(ev.seq_adv, delta, eps_w),
+                "w_rlsd": evidence_weights(
+                    ev.seq_adv, evidence_delta(ev.logp_pos, ev.old_logp, ev.mask), eps_w
+                ),
+            }
+        rows = []
+        for i in sorted(order[:limit]):
+            r = ev.rollouts[i]
+            g, n = r.prompt_index, len(r.response_ids)
+            choice = ev.negatives.get(g)
+            row = {
+                "group": g,
+                "prompt": ev.prompt_texts[g],
+                "answer": ev.problems[g].answer,
+                "negative": None if choice is None else choice.answer,
+                "response": r.text,
+                "reward": ev.verdicts[i].reward,
+                "correct": ev.verdicts[i].correct,
+                "advantage": float(ev.seq_adv[i]),
+                "scored": bool(scored[i]),
+                "tokens": [tokenizer.decode([t]) for t in r.response_ids],
+                "logp_student": _finite(ev.old_logp[i, :n]),
+            }
+            for key, tensor in (("logp_pos", ev.logp_pos), ("logp_neg", ev.logp_neg), *weights.items()):
+                row[key] = _finite(tensor[i, :n]) if tensor is not None and scored[i] else None
+            rows.append(row)
+        data = {
+            "step": ev.index,
+            "method": self.cfg.algorithm.method,
+            "lam": ev.lam,
+            "eps_w": eps_w,
+            "policy_version": policy_version,
+            "rollouts": rows,
+        }
+        folder = self.run_dir / "steps"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step_{ev.index:05d}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, allow_nan=False, default=float))
+        tmp.replace(path)
+
+    def checkpoint(self, step: int, payload: AdapterPayload, state: dict[str, Any]) -> Path:
+        """checkpoints/step_NNNNN/ (PEFT adapter + state.json), written atomically; adapter/ is the latest."""
+        final = self.run_dir / "checkpoints" / f"step_{step:05d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        payload.write_to(tmp / "adapter")
+        record = {
+            "step": step,
+            "adapter_version": payload.version,
+            "adapter_checksum": payload.checksum,
+            **state,
+        }
+        (tmp / "state.json").write_text(json.dumps(record, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        latest = self.run_dir / "adapter"
+        shutil.rmtree(latest, ignore_errors=True)
+        shutil.copytree(final / "adapter", latest)
+        if self.ledger is not None:
+            self.ledger.add_checkpoint(self.run_id, step, str(final.resolve()))
+        return final
+
+    def finish(self, error: BaseException | None) -> None:
+        """The ledger records how the run ended (``error``: what stopped it, if anything)."""
+        if not self._ledger_open:
+            return
+        self._ledger_open = False
+        status = "finished" if error is None else "failed"
+        if isinstance(error, KeyboardInterrupt):
+            status = "interrupted"
+        try:
+            self.ledger.finish(
+                self.run_id, status, None if error is None else f"{type(error).__name__}: {error}"
+            )
+        except Exception as exc:  # the run folder still holds everything
+            self.log(f"ledger: could not record the end of the run: {exc}")

@@ -1,0 +1,203 @@
+"""``cepo runs list/show``: rich tables of ledger records, from Redis or from run folders.
+
+:func:`cli_list` and :func:`cli_show` read the Redis ledger (:class:`~cepo.ledger.store.RunLedger`) when a URL
+is given, else the run folders (:mod:`cepo.ledger.folders`); both give records of the same shape, drawn by
+:func:`runs_table` and :func:`run_details`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from cepo.ledger.folders import folder_steps, list_run_folders, read_run_folder
+from cepo.ledger.store import RunLedger, _resolve_id, mask_url
+
+__all__ = ["cli_list", "cli_show", "run_details", "runs_table"]
+
+
+def _fmt_time(value: Any) -> str:
+    if value in (None, ""):
+        return "-"
+    try:
+        return _dt.datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OSError):
+        return str(value)
+
+
+def _fmt_num(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+_STATUS_STYLE = {
+    "running": "yellow",
+    "finished": "green",
+    "failed": "red",
+    "interrupted": "magenta",
+    "incomplete": "dim",
+}
+
+
+def runs_table(rows: list[dict]):
+    """A rich Table of run rows (from :meth:`RunLedger.list_runs` or :func:`list_run_folders`)."""
+    from rich.table import Table
+
+    table = Table(title="runs", show_lines=False)
+    for column, justify in (
+        ("id", "left"),
+        ("name", "left"),
+        ("method", "left"),
+        ("status", "left"),
+        ("steps", "right"),
+        ("version", "right"),
+        ("reward", "right"),
+        ("accuracy", "right"),
+        ("started", "left"),
+        ("run dir", "left"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in rows:
+        metrics = row.get("last_metrics") or {}
+        status = str(row.get("status") or "-")
+        style = _STATUS_STYLE.get(status, "")
+        table.add_row(
+            str(row.get("id", "-")),
+            str(row.get("name") or "-"),
+            str(row.get("method") or "-"),
+            f"[{style}]{status}[/]" if style else status,
+            _fmt_num(row.get("step")),
+            _fmt_num(row.get("policy_version")),
+            _fmt_num(metrics.get("reward_mean")),
+            _fmt_num(metrics.get("accuracy")),
+            _fmt_time(row.get("started_at")),
+            str(row.get("run_dir") or "-"),
+        )
+    return table
+
+
+def _truncate(text: Any, limit: int = 400) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_details(record: dict, steps: list[dict] | None = None):
+    """A rich renderable: the record's fields, checkpoints, last metrics, the last step reports and one
+    sample rollout."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = []
+    fields = Table.grid(padding=(0, 2))
+    fields.add_column(style="bold")
+    fields.add_column(overflow="fold")
+    for key in ("id", "name", "method", "status", "step", "policy_version", "run_dir"):
+        fields.add_row(key, _fmt_num(record.get(key)))
+    for key in ("started_at", "updated_at", "finished_at"):
+        fields.add_row(key, _fmt_time(record.get(key)))
+    if record.get("error"):
+        fields.add_row("error", Text(str(record["error"]), style="red"))
+    parts.append(Panel(fields, title=f"run {record.get('id', '?')}", expand=False))
+
+    checkpoints = record.get("checkpoints") or []
+    if checkpoints:
+        table = Table(title="checkpoints")
+        table.add_column("step", justify="right")
+        table.add_column("path", overflow="fold")
+        table.add_column("at")
+        for ckpt in checkpoints:
+            table.add_row(_fmt_num(ckpt.get("step")), str(ckpt.get("path")), _fmt_time(ckpt.get("at")))
+        parts.append(table)
+    else:
+        parts.append(Text("no checkpoints", style="dim"))
+
+    metrics = record.get("last_metrics") or {}
+    if metrics:
+        table = Table(title="last metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right", overflow="fold")
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={_fmt_num(v)}" for k, v in value.items())
+            table.add_row(str(key), _fmt_num(value, 4) if not isinstance(value, str) else value)
+        parts.append(table)
+
+    if steps:
+        table = Table(title=f"last {len(steps)} steps")
+        for column in ("step", "reward", "accuracy", "λ", "Δ+ frac", "Δ− frac", "step s"):
+            table.add_column(column, justify="right")
+        for entry in steps:
+            report = entry.get("report") or {}
+            table.add_row(
+                _fmt_num(report.get("step")),
+                _fmt_num(report.get("reward_mean")),
+                _fmt_num(report.get("accuracy")),
+                _fmt_num(report.get("lam")),
+                _fmt_num(report.get("delta_pos_frac")),
+                _fmt_num(report.get("delta_neg_frac")),
+                _fmt_num(report.get("step_seconds"), 2),
+            )
+        parts.append(table)
+        sample_step, sample = None, None
+        for entry in reversed(steps):
+            if entry.get("samples"):
+                sample_step, sample = (entry.get("report") or {}).get("step"), entry["samples"][0]
+                break
+        if sample is not None:
+            body = Table.grid(padding=(0, 2))
+            body.add_column(style="bold")
+            body.add_column(overflow="fold")
+            body.add_row("prompt", _truncate(sample.get("prompt", "")))
+            body.add_row("response", _truncate(sample.get("response", "")))
+            body.add_row("answer", str(sample.get("answer", "")))
+            body.add_row("reward", _fmt_num(sample.get("reward")))
+            body.add_row("correct", str(sample.get("correct", "")))
+            parts.append(Panel(body, title=f"sample rollout (step {_fmt_num(sample_step)})", expand=False))
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cli_list(redis_url: str | None, root: Path, limit: int, console) -> None:
+    """``cepo runs list``: the ledger's runs when ``redis_url`` is set, else the run folders under ``root``.
+    Raises LedgerError (the CLI prints it) when Redis cannot be reached."""
+    if redis_url:
+        with RunLedger(redis_url) as ledger:
+            rows = ledger.list_runs(limit)
+        where = f"Redis ledger {mask_url(redis_url)}"
+    else:
+        rows = list_run_folders(root)[: max(limit, 0)]
+        where = f"run folders under {root}"
+    if not rows:
+        console.print(f"no runs in {where}")
+        return
+    console.print(runs_table(rows))
+
+
+def cli_show(run: str, redis_url: str | None, root: Path, steps: int, console) -> None:
+    """``cepo runs show RUN``: ``run`` is a run folder path, or a run id / unique id prefix looked up in the
+    ledger (``redis_url`` set) or among the folders under ``root``. Raises LedgerError when not found."""
+    path = Path(run)
+    if (path / "config.yaml").is_file() or "/" in run or "\\" in run:
+        record = read_run_folder(path)  # a path: LedgerError naming it when it is not a run folder
+        entries = folder_steps(path, steps)
+    elif redis_url:
+        with RunLedger(redis_url) as ledger:
+            record = ledger.get_run(run)
+            entries = ledger.steps(record["id"], steps) if steps > 0 else []
+    else:
+        root = Path(root)
+        ids = [row["id"] for row in list_run_folders(root)]
+        folder = root / _resolve_id(run, ids, f"run folders under {root}")
+        record = read_run_folder(folder)
+        entries = folder_steps(folder, steps)
+    console.print(run_details(record, entries))

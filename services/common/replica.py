@@ -1,0 +1,44 @@
+"""The replica base that rollout and teacher share: an engine with a name, serving one adapter version."""
+
+from __future__ import annotations
+
+from cepo_proto.adapter import AdapterAck, AdapterPayload
+from cepo_services.common import metrics
+from cepo_services.common.engines import make_engine
+
+__all__ = ["EngineReplica", "VersionMismatch"]
+
+
+class VersionMismatch(RuntimeError):
+    """A replica was asked to serve a version it has not loaded: the adapter sync did not happen."""
+
+
+class EngineReplica:
+    """An engine with a name: loads adapters by version and says which one it serves."""
+
+    service = "rollout"  # the metrics' service label (TeacherReplica: "teacher")
+
+    def __init__(self, name: str, backend: str, model_path: str, **engine_kwargs) -> None:
+        self.name = name
+        self.engine = make_engine(backend, model_path, **engine_kwargs)
+
+    def load_adapter(self, payload: AdapterPayload) -> AdapterAck:
+        version, checksum = self.engine.load_adapter(payload)
+        metrics.set_adapter_version(self.service, self.name, version)
+        return AdapterAck(replica=self.name, version=version, checksum=checksum)
+
+    def serving(self) -> tuple[int | None, str | None]:
+        return self.engine.version, self.engine.checksum
+
+    def check_version(self, expected: int | None) -> None:
+        if expected != self.engine.version:
+            raise VersionMismatch(
+                f"{self.name} serves adapter version {self.engine.version}, the step expects {expected}"
+            )
+
+    def metrics_endpoint(self, port: int) -> tuple[str, int]:
+        """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
+        return metrics.endpoint(port)
+
+    def shutdown(self) -> None:
+        self.engine.close()
