@@ -1,3 +1,4 @@
-"""CEPO: Contrastive Evidence Policy Optimization — the controller and the command line."""
+"""CEPO: Contrastive Evidence Policy Optimization — the control plane: the controller running Algorithm 1,
+the paper's math that runs there, the method registry, config, data, ledger, reports and the command line."""
 
 __version__ = "0.1.0"

@@ -215,7 +215,6 @@ class AlgorithmConfig(_Section):
         "weight·D alone (False, pure on-policy distillation).",
     )
 
-
     @field_validator("method")
     @classmethod
     def _registered(cls, value: str) -> str:
@@ -293,7 +292,11 @@ class RunConfig(_Section):
     @property
     def learning_rate(self) -> float:
         """The configured learning rate, or the paper's value for the chosen method."""
-        return self.learner.lr if self.learner.lr is not None else get_method(self.algorithm.method).learning_rate
+        return (
+            self.learner.lr
+            if self.learner.lr is not None
+            else get_method(self.algorithm.method).learning_rate
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from cepo.plots import display_name, eval_by_step, load_eval, load_metrics, plot_curves, plot_delta
-from cepo.stats import auc, mean_se, problem_accuracy
+from cepo.stats import auc, mean_se
 
 __all__ = [
     "collect",
-    "problem_accuracy",  # re-exported from cepo.stats until cepo.evaluate and cepo.controller import it there
     "table_markdown",
     "write_report",
 ]

@@ -12,29 +12,11 @@ from rich.console import Console
 from cepo.algorithm.methods import get_method
 from cepo.config import RunConfig
 from cepo.controller import Trainer, median_stages
+from cepo.evaluate import eval_problems
 from cepo_proto import Problem
 from cepo_proto.pipeline import StepReport
 
-__all__ = ["bench", "eval_problems", "train"]
-
-
-def eval_problems(cfg: RunConfig) -> dict[str, list[Problem]]:
-    """The held-out problems of each configured suite (disjoint from training by construction of the task)."""
-    suites = list(cfg.data.eval_suites)
-    if not suites:
-        return {}
-    seed = cfg.data.seed + 1
-    if cfg.data.source == "arithmetic":
-        from cepo.tasks import arithmetic
-
-        return {s: arithmetic.generate(s, cfg.data.eval_size, seed) for s in suites}
-    if cfg.data.source == "reasoning_gym":
-        from cepo.tasks import reasoning_gym
-
-        return {s: reasoning_gym.generate(s, cfg.data.eval_size, seed) for s in suites}
-    from cepo.data import from_config
-
-    return {s: from_config(cfg.data, split=s).problems[: cfg.data.eval_size] for s in suites}
+__all__ = ["bench", "train"]
 
 
 def _step_line(report: StepReport) -> str:

@@ -82,6 +82,44 @@ def test_method_trains_two_steps(tiny_model_dir, tmp_path, method):
     assert bool(scored) == (method == "rlsd")
 
 
+def test_a_sixth_method_registered_here_trains_through_the_pipeline(tiny_model_dir, tmp_path):
+    """A method is one registry entry: this one (CEPO's contrast with a tighter clip, recording its inputs) is
+    accepted by the config, gets teacher replicas and r⁻ contexts, and trains one real step — no other file
+    knows it."""
+    from cepo.algorithm.advantages import cepo_token_advantages
+    from cepo.algorithm.methods import Method, register_method, unregister_method
+    from cepo.config import ConfigError
+
+    calls = []
+
+    def tight_contrast(seq_adv, logp_pos, logp_neg, mask, lam, eps_w):
+        calls.append((logp_pos.clone(), logp_neg.clone(), lam))
+        return cepo_token_advantages(seq_adv, logp_pos, logp_neg, mask, lam, eps_w / 2)
+
+    register_method(Method("tight", "Tight", 5e-6, token_advantages=tight_contrast, negative_context=True))
+    try:
+        trainer = Trainer(slim_config(tiny_model_dir, "tight"), tmp_path / "run", log=lambda _: None)
+        try:
+            trainer.start()
+            assert trainer.pools.teacher  # it scores evidence: teacher replicas were started for it
+            before = trainer.learner.lora_state()
+            (report,) = trainer.train(1)
+            after = trainer.learner.lora_state()
+        finally:
+            trainer.close()
+    finally:
+        unregister_method("tight")
+    assert report.method == "tight" and report.stage_seconds["teacher"] > 0
+    assert len(calls) == 1 and calls[0][2] == report.lam > 0
+    logp_pos, logp_neg, _ = calls[0]
+    assert (logp_pos != 0).any() and not torch.equal(logp_pos, logp_neg)  # real teacher scores reached it
+    assert _lora_b_changed(before, after)
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["method"] == "tight"
+    with pytest.raises(ConfigError, match=r"algorithm\.method: got 'tight'; allowed values: 'grpo'"):
+        slim_config(tiny_model_dir, "tight")  # unregistered again
+
+
 def test_unreachable_redis_fails_at_start_naming_the_key(tiny_model_dir, tmp_path):
     from cepo.ledger import LedgerError
 

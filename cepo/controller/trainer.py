@@ -39,10 +39,9 @@ from cepo.controller.cluster import eval_modes, train_sampling
 from cepo.controller.pools import ServicePools
 from cepo.controller.recorder import StepRecorder
 from cepo.controller.state import StepState
-from cepo.stats import problem_accuracy
 from cepo_proto import AdapterPayload, Problem
 from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateSettings
-from cepo_proto.pipeline import StepReport, TeacherItem
+from cepo_proto.pipeline import SamplingSpec, StepReport, TeacherItem
 
 __all__ = ["Trainer", "median_stages"]
 
@@ -334,16 +333,14 @@ class Trainer:
         Returns ``sampled`` (mean over problems of the fraction of ``samples`` correct) with its standard error
         over problems, and with ``greedy`` also the greedy (temperature 0, one sample) accuracy and error.
         """
-        _, prompt_ids = self.prompts(problems)
-        result: dict[str, float] = {"n": len(problems), "samples": samples}
-        for key, spec in eval_modes(self.cfg, greedy=greedy):
-            spec = spec.model_copy(update={"n": samples}) if key == "sampled" else spec
-            groups = self.pools.generate(prompt_ids, spec, self.version)
-            texts = [r.text for group in groups for r in group]
-            answers = [problem.answer for problem, group in zip(problems, groups, strict=True) for _ in group]
-            correct = iter(v.correct for v in self.pools.grade(texts, answers))
-            result[key], result[f"{key}_se"] = problem_accuracy([[next(correct) for _ in g] for g in groups])
-        return result
+        from cepo.evaluate import heldout_accuracy
+
+        def generate(ids: list[list[int]], spec: SamplingSpec) -> list[list[str]]:
+            return [[r.text for r in group] for group in self.pools.generate(ids, spec, self.version)]
+
+        modes = eval_modes(self.cfg, greedy=greedy)
+        modes[0] = ("sampled", modes[0][1].model_copy(update={"n": samples}))
+        return heldout_accuracy(problems, self.prompts(problems)[1], modes, generate, self.pools.grade)
 
     def close(self, error: BaseException | None = None) -> None:
         """Stop every service; the ledger records how the run ended (``error``: what stopped it, if anything)."""

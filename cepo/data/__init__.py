@@ -1,7 +1,6 @@
 """Training and evaluation data: loaders that turn files and generators into problem records, and the cursor."""
 
 from cepo.data.cursor import DataCursor, dataset_fingerprint
-from cepo.data.errors import DataError
 from cepo.data.loaders import (
     IMAGE_PLACEHOLDER,
     LoadResult,
@@ -12,6 +11,7 @@ from cepo.data.loaders import (
     load_parquet,
     load_problems,
 )
+from cepo.errors import DataError
 
 __all__ = [
     "IMAGE_PLACEHOLDER",

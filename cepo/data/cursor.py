@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cepo.data.errors import DataError
+from cepo.errors import DataError
 from cepo_proto.messages import Problem
 
 __all__ = ["STATE_VERSION", "DataCursor", "dataset_fingerprint"]

@@ -1,4 +1,4 @@
-"""Problem loaders: JSONL, Parquet and Hugging Face ``datasets`` folders → :class:`proto.Problem` records.
+"""Problem loaders: JSONL, Parquet and Hugging Face ``datasets`` folders → :class:`cepo_proto.Problem` records.
 
 Every loader reads rows, maps source columns onto record fields (``columns``: source column → field), and
 checks each row. A bad row — not JSON, not an object, a missing or empty field, a wrong type, a
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cepo.data.errors import DataError
+from cepo.errors import DataError
 from cepo_proto.messages import Problem
 
 if TYPE_CHECKING:

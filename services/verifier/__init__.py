@@ -2,8 +2,8 @@
 
 Public API::
 
-    grade(response, answer, *, format_weight=0.0, timeout_s=5.0, max_chars=100_000) -> proto.Verdict
-    grade_batch(responses, answers, **same options) -> list[proto.Verdict]
+    grade(response, answer, *, format_weight=0.0, timeout_s=5.0, max_chars=100_000) -> cepo_proto.Verdict
+    grade_batch(responses, answers, **same options) -> list[cepo_proto.Verdict]
     Grader(**options)            # owns the worker process; .grade, .grade_batch, .close, context manager
     extract_last_boxed(text)     # the pure extractor
 
