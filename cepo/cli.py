@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cepo import __version__
 from cepo.config import ConfigError, dump_config, load_config
@@ -34,11 +35,16 @@ SetOption = Annotated[
 ]
 
 
+def _print_error(message: object) -> None:
+    """``error: <message>`` on stderr, the message printed literally (``[x]`` is text, not rich markup)."""
+    console.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -106,7 +112,7 @@ def bootstrap(
             out, seed=seed, force=force, minutes=minutes, settings=settings, console=console
         )
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
     test = manifest.get("accuracy", {}).get("test", {})
     state = "built" if built else "cached"
@@ -129,7 +135,7 @@ def models_import_smollm2(
     try:
         import_smollm2(out, force=force, console=console)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -145,15 +151,51 @@ def _run_dir(run_dir: Path | None, name: str) -> Path:
 def train(
     config: ConfigOption = None,
     set_: SetOption = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Steps to run (default: algorithm.steps).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Steps in all (default: algorithm.steps); a resumed run continues to it."),
+    ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>-<time>).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder from its latest checkpoint (with its config.yaml)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a run already in --run-dir instead of refusing.")
+    ] = False,
 ) -> None:
     """Train with Algorithm 1 across the rollout, verifier, teacher and learner services."""
+    import ray
+
     from cepo.run import train as run_train
 
+    if resume is not None:
+        if config is not None or run_dir is not None:
+            console.print(
+                "[red]error:[/red] --resume takes the run's own config.yaml and folder", highlight=False
+            )
+            raise typer.Exit(2)
+        config, folder = resume / "config.yaml", resume
+        if not config.is_file():
+            console.print(f"error: {config} does not exist: not a run folder", markup=False, highlight=False)
+            raise typer.Exit(2)
     cfg = _load(config, set_)
-    folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
-    run_train(cfg, folder, steps=steps, console=Console(soft_wrap=True))
+    if resume is None:
+        folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
+    try:
+        run_train(
+            cfg,
+            folder,
+            steps=steps,
+            console=Console(soft_wrap=True),
+            resume=resume is not None,
+            overwrite=overwrite,
+        )
+    finally:
+        if cfg.resources.ray_address is None:
+            ray.shutdown()  # the local Ray this command started: no raylet or worker outlives it
 
 
 @app.command()
@@ -204,12 +246,12 @@ def eval_(
         overrides.append(f"data.eval_size={size}")
     cfg = _load(config, overrides)
     if backend not in ("vllm", "transformers"):
-        console.print(f"[red]error:[/red] --backend {backend!r}; allowed: vllm, transformers")
+        _print_error(f"--backend {backend!r}; allowed: vllm, transformers")
         raise typer.Exit(2)
     try:
         results = evaluate_model(cfg, adapter=adapter, backend=backend, greedy=greedy, console=console)
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
@@ -237,14 +279,14 @@ def compare(
     try:
         chosen = parse_methods(methods)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        _print_error(exc)
         raise typer.Exit(2) from None
     folder = out or Path("runs") / f"{cfg.name}-compare"
     command = "cepo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         run_compare(cfg, folder, chosen, seeds, command=command, steps=steps, console=Console(soft_wrap=True))
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -259,7 +301,7 @@ def plot(
     try:
         cli_plot(run, out, Console(soft_wrap=True))
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -277,7 +319,7 @@ def inspect(
     try:
         cli_inspect(run, step, out, Console(soft_wrap=True))
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -307,7 +349,7 @@ def runs_list(
     try:
         cli_list(redis, root, limit, _table_console())
     except LedgerError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
@@ -324,9 +366,144 @@ def runs_show(
     try:
         cli_show(run, redis, root, steps, _table_console())
     except LedgerError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(2) from None
 
 
+# ------------------------------------------------------------------------------------------------------
+# The entry point: expected errors are one line, bugs keep their traceback
+
+ERROR_LOG_ENV = "CEPO_ERROR_LOG"
+# Raised by a Hugging Face loader for a model path that is neither a folder nor a valid repo id
+_EXPECTED_BY_NAME = frozenset({"huggingface_hub.errors.HFValidationError"})
+
+
+def _expected_types() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix (bad config, data, Redis, paths, permissions), unlike a bug."""
+    from cepo.errors import DataError
+    from cepo.ledger.store import LedgerError
+
+    return (ConfigError, DataError, LedgerError, OSError)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A Ray task error stands for the exception raised in the worker (its text adds a remote traceback)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or "RayTaskError" not in {
+            c.__name__ for c in type(exc).__mro__
+        }:
+            break
+        exc = cause
+    return exc
+
+
+def _is_expected(exc: BaseException) -> bool:
+    if isinstance(exc, _expected_types()):
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" in _EXPECTED_BY_NAME for c in type(exc).__mro__)
+
+
+def _error_message(exc: BaseException) -> str:
+    """The error's text on one line (a config error keeps its one-problem-a-line list)."""
+    if isinstance(exc, ConfigError):
+        return str(exc).strip() or "invalid configuration"
+    if (
+        isinstance(exc, OSError)
+        and exc.strerror
+        and exc.filename is not None
+        and type(exc).__str__ is OSError.__str__
+    ):
+        text = f"{exc.filename}: {exc.strerror}"  # not "[Errno 2] No such file or directory: '…'"
+        if exc.filename2 is not None:
+            text += f" (and {exc.filename2})"
+    else:
+        text = str(exc)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def error_log_path() -> Path:
+    """Where the traceback of the last expected error goes: $CEPO_ERROR_LOG, else
+    $XDG_CACHE_HOME/cepo/last-error.log (~/.cache/cepo/last-error.log)."""
+    import os
+
+    explicit = os.environ.get(ERROR_LOG_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "cepo" / "last-error.log"
+
+
+def _save_traceback(exc: BaseException, argv: list[str]) -> tuple[Path | None, str]:
+    """Write the full traceback to the error log; (path, "") or (None, why not)."""
+    import datetime
+    import os
+    import tempfile
+    import traceback
+
+    text = (
+        f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  cepo {__version__}\n"
+        f"command: cepo {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc))
+    )
+    fallback = (
+        Path(tempfile.gettempdir()) / f"cepo-last-error-{os.getuid() if hasattr(os, 'getuid') else 0}.log"
+    )
+    problem = ""
+    for path in (error_log_path(), fallback):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path, ""
+        except OSError as write_exc:
+            problem = f"{path}: {write_exc.strerror or write_exc}"
+    return None, problem
+
+
+def _interrupted(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``cepo`` command: :data:`app` with one-line errors.
+
+    An expected error (configuration, data, ledger/Redis, a missing or unreadable path) prints
+    ``error: <message>`` (literally: no rich markup) and ``(traceback: PATH)``, writes the full traceback to
+    PATH (:func:`error_log_path`) and exits with code 2. Ctrl-C prints one line and exits with 130. Anything
+    else is a bug and keeps its traceback."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=args, prog_name="cepo")
+    except SystemExit as exc:
+        if exc.code == 130 and _interrupted(exc):  # typer turns Ctrl-C into a silent exit 130
+            console.print("interrupted", highlight=False)
+        raise
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        error = _unwrap(exc)
+        if not _is_expected(error):
+            raise
+        _print_error(_error_message(error))
+        path, problem = _save_traceback(exc, args)
+        if path is not None:
+            console.print(f"(traceback: {escape(str(path))})", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"(traceback not saved: {escape(problem)})", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

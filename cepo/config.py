@@ -8,6 +8,7 @@ unknown key or a bad value fails at load time with one :class:`ConfigError` nami
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cepo.algorithm.methods import get_method
 from cepo_proto.learner import AGG_MODES
 
-__all__ = ["ConfigError", "RunConfig", "apply_overrides", "load_config", "parse_override"]
+__all__ = ["ConfigError", "RunConfig", "apply_overrides", "check_model_path", "load_config", "parse_override"]
 
 STUDENT_PROMPT = "{problem} Solve the problem step by step, keeping reasoning brief.\nPut ONLY the final answer inside \\boxed{{}}"
 
@@ -178,6 +179,12 @@ class LearnerConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max gradient norm.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward on one rank.")
+    max_skipped_steps: int = Field(
+        3,
+        ge=0,
+        description="Updates in a row that may be skipped as non-finite (advantages, loss or gradient norm) "
+        "before the run stops; a skipped update leaves weights, optimizer and version unchanged.",
+    )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch and epoch.")
     clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ε_low (paper Table 6: 0.20).")
@@ -363,6 +370,20 @@ def _validate(data: dict[str, Any], source: str) -> RunConfig:
         raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines)) from None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        text = exc.problem
+        mark = exc.problem_mark
+        if mark is not None:
+            text += f" at line {mark.line + 1}, column {mark.column + 1}"
+        if exc.context:
+            text += f" ({exc.context})"
+    else:
+        text = str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b.c=value"`` → (["a", "b", "c"], value), the value parsed as YAML (``1e-5``, ``true``, ``[a, b]``)."""
     key, sep, raw = text.partition("=")
@@ -372,7 +393,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {_yaml_problem(exc)}") from None
     return key.split("."), value
 
 
@@ -406,7 +427,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -418,6 +439,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = apply_overrides(data, overrides)
         source += " with --set " + " ".join(overrides)
     return _validate(data, source)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MODEL_FOLDER = "a local Hugging Face model folder with config.json"
+
+
+def check_model_path(path: str) -> None:
+    """FileNotFoundError naming ``model.path`` unless it is a folder with config.json or a Hub id
+    (``org/name``, left to the loaders, unless ``org`` is a local folder: then it is meant as a local path)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {path}: no config.json in that folder ({_MODEL_FOLDER})")
+        return
+    if folder.exists():
+        raise FileNotFoundError(f"model.path {path}: a file, not a folder ({_MODEL_FOLDER})")
+    if _HUB_ID.match(path) and not Path(path.split("/")[0]).expanduser().is_dir():
+        return
+    raise FileNotFoundError(f"model.path {path}: no such folder ({_MODEL_FOLDER})")
 
 
 def dump_config(config: RunConfig) -> str:

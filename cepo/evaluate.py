@@ -74,6 +74,9 @@ def evaluate_model(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``cfg.model.path`` (+ ``adapter``) on ``cfg.data.eval_suites``; returns per-suite results."""
+    from cepo.config import check_model_path
+
+    check_model_path(cfg.model.path)  # before the slow imports, and before any loader asks the Hub
     import os
 
     from transformers import AutoTokenizer

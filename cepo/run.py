@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +15,9 @@ from rich.console import Console
 
 from cepo.algorithm.methods import get_method
 from cepo.config import RunConfig
-from cepo.controller import Trainer, median_stages
+from cepo.controller import Trainer
 from cepo.evaluate import eval_problems
+from cepo.stats import median_stages
 from cepo_proto import Problem
 from cepo_proto.pipeline import StepReport
 
@@ -59,20 +64,62 @@ def _averaged(results: dict[str, dict[str, float]], key: str) -> dict[str, float
     return scores
 
 
+def _previous_evaluations(run_dir: Path, upto: int) -> dict[int, dict[str, dict[str, float]]]:
+    """A resumed run's eval.jsonl, cut after step ``upto`` (later lines came from steps that are redone)."""
+    path = run_dir / "eval.jsonl"
+    if not path.is_file():
+        return {}
+    kept, found = [], {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["step"] <= upto:
+            kept.append(line)
+            result = {k: v for k, v in row.items() if k not in ("step", "policy_version", "suite")}
+            found.setdefault(row["step"], {})[row["suite"]] = result
+    path.write_text("".join(line + "\n" for line in kept))
+    return found
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer, console: Console) -> Iterator[None]:
+    """SIGINT / SIGTERM: finish the current step, checkpoint, record the run as interrupted; a second signal
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if trainer._stop.is_set():
+            raise KeyboardInterrupt
+        console.print(f"{signal.Signals(signum).name}: stopping after the current step (again: at once)")
+        trainer.request_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train(
-    cfg: RunConfig, run_dir: Path, *, steps: int | None = None, console: Console | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    steps: int | None = None,
+    console: Console | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train, evaluating the held-out suites before, every ``eval.every`` steps and after (eval.jsonl);
-    write ``summary.json`` and return it."""
+    """Train ``steps`` steps in all (default ``algorithm.steps``; a resumed run continues to that total),
+    evaluating the held-out suites before, every ``eval.every`` steps and after (eval.jsonl); write
+    ``summary.json`` and return it."""
     console = console or Console()
-    steps = steps if steps is not None else cfg.algorithm.steps
+    total = steps if steps is not None else cfg.algorithm.steps
     trainer = Trainer(
         cfg, run_dir, on_step=lambda r: console.print(_step_line(r), highlight=False), log=console.print
     )
     suites = eval_problems(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.jsonl").unlink(missing_ok=True)
-
     evaluated: dict[int, dict[str, dict[str, float]]] = {}  # steps done → results
 
     def evaluate(steps_done: int) -> dict[str, dict[str, float]]:
@@ -88,32 +135,39 @@ def train(
 
     error: BaseException | None = None
     try:
-        with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
-            started = time.perf_counter()
-            trainer.start()
-        console.print(f"services up in {time.perf_counter() - started:.1f}s → {run_dir}")
-        base = evaluate(0)
-        every = cfg.eval.every if suites else 0
-        reports = trainer.train(steps, every=every, callback=evaluate if every else None)
-        trained = evaluate(trainer.step_index)  # already done when the last step was an evaluation step
+        with _stop_on_signals(trainer, console):
+            with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
+                started = time.perf_counter()
+                trainer.start(resume=resume, overwrite=overwrite)
+            console.print(f"services up in {time.perf_counter() - started:.1f}s → {run_dir}")
+            if resume:
+                evaluated.update(_previous_evaluations(run_dir, trainer.step_index))
+            else:
+                (run_dir / "eval.jsonl").unlink(missing_ok=True)
+            base = evaluated.get(0, {}) if resume else evaluate(0)  # never the resumed adapter as "base"
+            every = cfg.eval.every if suites else 0
+            todo = max(0, total - trainer.step_index)
+            trainer.train(todo, every=every, callback=evaluate if every else None)
+            trained = evaluate(trainer.step_index)  # already done when the last step was an evaluation step
     except BaseException as exc:
         error = exc
         raise
     finally:
         trainer.close(error)
+    reports = _all_reports(run_dir)
     summary = {
         "run_dir": str(run_dir),
         "run_id": trainer.run_id,
         "method": cfg.algorithm.method,
         "seed": cfg.seed,
         "steps": len(reports),
-        "policy_version": reports[-1].adapter_version if reports else 0,
+        "policy_version": reports[-1]["adapter_version"] if reports else 0,
         "eval_samples": cfg.data.eval_samples,
         "base": _averaged(base, "sampled"),
         "trained": _averaged(trained, "sampled"),
         "base_greedy": _averaged(base, "greedy"),
         "trained_greedy": _averaged(trained, "greedy"),
-        "timing": median_stages(reports) if reports else {},
+        "timing": median_stages([StepReport.model_validate(r) for r in reports]) if reports else {},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if suites:
@@ -124,6 +178,14 @@ def train(
             greedy = f"  [{bg:.3f} → {tg:.3f}]" if bg is not None else ""
             console.print(f"  {name:<16} base {b:.3f}  →  trained {t:.3f}{greedy}", highlight=False)
     return summary
+
+
+def _all_reports(run_dir: Path) -> list[dict[str, Any]]:
+    """Every step of the run (a resumed run's earlier steps too), from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
 
 
 def bench(cfg: RunConfig, run_root: Path, *, steps: int, console: Console | None = None) -> dict[str, Any]:

@@ -2,16 +2,19 @@
 
 - :func:`mean_se`: mean and standard error of a sample;
 - :func:`problem_accuracy`: held-out accuracy (and its standard error over problems) from per-sample verdicts;
-- :func:`auc`: the normalised area under an accuracy-vs-step curve (AUC@H).
+- :func:`auc`: the normalised area under an accuracy-vs-step curve (AUC@H);
+- :func:`median_stages`: a run's step and stage medians (StepReports or metrics.jsonl rows as objects).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
+from typing import Any
 
-__all__ = ["auc", "mean_se", "problem_accuracy"]
+__all__ = ["auc", "mean_se", "median_stages", "problem_accuracy"]
 
 
 def mean_se(values: Iterable[float]) -> tuple[float, float]:
@@ -65,3 +68,24 @@ def auc(points: Sequence[tuple[int, float]], horizon: int) -> float:
     if reached < horizon:
         raise ValueError(f"the curve ends at step {reached}, before the horizon {horizon}")
     return area / horizon
+
+
+def median_stages(reports: Sequence[Any], skip: int = 1) -> dict[str, Any]:
+    """Medians over steps after ``skip`` warm-up steps: step seconds, per-stage seconds and tokens/s."""
+    kept = list(reports[skip:]) or list(reports)
+
+    def median(*stages: str) -> float:
+        return statistics.median(sum(r.stage_seconds[st] for st in stages) for r in kept)
+
+    return {
+        "step_s": statistics.median(r.step_seconds for r in kept),
+        "stages": {
+            "gen": median("gen"),
+            "verify": median("verify"),
+            "teacher": median("teacher"),
+            "adv": median("adv"),
+            "update": median("old_logp", "update"),
+            "sync": median("sync"),
+        },
+        "tokens_per_s": statistics.median(r.tokens_per_s for r in kept),
+    }

@@ -34,6 +34,10 @@ cepo_zero_variance_groups       gauge      —               groups of the last 
 cepo_groups                     gauge      —               groups (prompts) in the last step
 cepo_steps_total                counter    —               steps done
 cepo_response_tokens_total      counter    —               response tokens of finished steps
+cepo_replica_restarts_total     counter    role            replicas replaced after dying or timing out
+                                                           (role: rollout, teacher, verifier)
+cepo_skipped_updates_total      counter    —               updates skipped for a non-finite advantage,
+                                                           loss or gradient norm
 *rollout*
 cepo_rollout_tokens_total       counter    replica         generated tokens
 cepo_rollout_request_seconds    histogram  replica         seconds per generate request
@@ -146,6 +150,12 @@ CONTROLLER_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "cepo_groups": ("gauge", (), "Groups (prompts) in the last step."),
     "cepo_steps_total": ("counter", (), "Steps done."),
     "cepo_response_tokens_total": ("counter", (), "Response tokens of finished steps."),
+    "cepo_replica_restarts_total": ("counter", ("role",), "Replicas replaced after dying or timing out."),
+    "cepo_skipped_updates_total": (
+        "counter",
+        (),
+        "Updates skipped for a non-finite advantage, loss or norm.",
+    ),
 }
 METRICS = {**CONTROLLER_METRICS, **SERVICE_METRICS}
 
@@ -202,6 +212,10 @@ def observe_step(report: Any) -> None:
     _M["cepo_groups"].set(int(get("groups")))
     _M["cepo_steps_total"].inc()
     _M["cepo_response_tokens_total"].inc(max(0, int(get("tokens"))))
+    for role, count in dict(get("replica_restarts", {}) or {}).items():
+        _M["cepo_replica_restarts_total"].labels(role=str(role)).inc(int(count))
+    if get("update_skipped", False):
+        _M["cepo_skipped_updates_total"].inc()
 
 
 # ---------------------------------------------------------------------------------------------- Prometheus

@@ -133,6 +133,7 @@ class UpdateStats:
     grad_norm: float
     lr: float
     distill_loss: float = 0.0  # the distillation term alone (OPSD / SDPO), already weighted
+    skipped: bool = False  # a non-finite loss or gradient norm: no optimizer step, the version unchanged
 
 
 class UpdateResult(BaseModel):

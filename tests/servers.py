@@ -145,6 +145,88 @@ def redis_server(workdir: Path) -> Iterator[str]:
         yield url
 
 
+class RestartableRedis:
+    """A redis-server that a test can really stop (SIGTERM, the process exits) and start again on the SAME port
+    and data dir. Persistence is on (append-only file, fsync on every write), so what Redis acknowledged
+    survives the restart. Use as a context manager: started on entry, stopped on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = _require(REDIS_SERVER, "redis-server")
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = self.workdir / "redis-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def _cmd(self) -> list[str]:
+        return [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--dir", str(self.workdir),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+
+    def ping(self) -> bool:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        """Start redis-server (again) on this port and data dir; return once it answers PING."""
+        if self.running:
+            raise RuntimeError(f"redis-server on port {self.port} is already running")
+        self.starts += 1
+        log_path = self.log_path.with_name(f"redis-server.{self.starts}.log")
+        proc = self.proc = _start(self._cmd(), log_path)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+            return self.ping()
+
+        try:
+            wait_for(up, timeout_s, 0.1, what=f"redis-server on port {self.port} to answer PING")
+        except (TimeoutError, RuntimeError) as exc:
+            _stop(proc)
+            raise RuntimeError(f"{exc}\n--- {log_path} ---\n{_log_tail(log_path)}") from exc
+
+    def stop(self) -> None:
+        """Terminate the process (SIGTERM: it writes its data and exits) and wait until the port is closed."""
+        if self.proc is None:
+            return
+        _stop(self.proc)
+        self.proc = None
+
+        def closed() -> bool:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                return sock.connect_ex(("127.0.0.1", self.port)) != 0
+
+        wait_for(closed, 10.0, 0.05, what=f"port {self.port} to close")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __enter__(self) -> RestartableRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @contextlib.contextmanager
 def prometheus_server(config_text: str, workdir: Path) -> Iterator[str]:
     """Prometheus with ``config_text`` as prometheus.yml on a free port; yields ``http://127.0.0.1:PORT``."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _float import half_precision_bound, logsoftmax_bound
@@ -222,3 +224,38 @@ def test_leakage_structure_end_to_end(model_dir):
     assert steady.sum() > 0.25 * len(grad_plain)  # LoRA A's gradients are exactly 0 at step one (B = 0)
     assert float((plain - moved)[steady].abs().max()) <= weight_bound
     assert float((opsd_plain - opsd_moved).abs().max()) > 100 * weight_bound
+
+
+def test_non_finite_update_is_skipped_and_changes_nothing(model_dir):
+    """A poisoned batch (NaN advantage → NaN loss and gradient norm): no optimizer step, the weights, the
+    optimizer state and the version stay as they were; the next finite batch trains normally."""
+    policy = make_policy(model_dir)
+    batch = PolicyBatch.build(SAMPLES)
+    old = policy.old_logprobs(batch)
+    before = _lora(policy)
+    poisoned = torch.ones_like(batch.response_mask)
+    poisoned[2, 0] = float("nan")
+    stats = policy.update(batch, poisoned, old)
+    assert stats.skipped and not math.isfinite(stats.grad_norm)
+    assert policy.version == 0 and not _changed(before, _lora(policy))
+    assert policy.optimizer.state_dict()["state"] == {}  # Adam never stepped
+    good = policy.update(batch, torch.ones_like(batch.response_mask), old)
+    assert not good.skipped and policy.version == 1 and _changed(before, _lora(policy))
+
+
+def test_training_state_round_trip_is_exact(model_dir, tmp_path):
+    """Save after one update, restore into a policy built with another seed: the next update is bit-identical
+    (weights, Adam moments and step, the LR schedule's step, RNG)."""
+    batch = PolicyBatch.build(SAMPLES)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1) * batch.response_mask
+    first = make_policy(model_dir)
+    first.update(batch, adv, first.old_logprobs(batch))
+    torch.save(first.training_state(), tmp_path / "learner.pt")  # through the disk, as a checkpoint does
+    second = make_policy(model_dir, seed=11)
+    assert _changed(_lora(first), _lora(second))
+    second.load_training_state(torch.load(tmp_path / "learner.pt", weights_only=False))
+    assert second.version == first.version == 1
+    for policy in (first, second):
+        policy.update(batch, -adv, policy.old_logprobs(batch))
+    assert not _changed(_lora(first), _lora(second))
+    assert first.export_adapter().checksum == second.export_adapter().checksum

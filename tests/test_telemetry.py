@@ -106,7 +106,7 @@ def test_service_port_layout_and_errors():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_every_documented_metric_is_defined_documented_and_served():
-    assert len(telemetry.METRICS) == 30
+    assert len(telemetry.METRICS) == 32
     for name in telemetry.METRICS:
         assert re.search(rf"^{name}\s", telemetry.__doc__, re.M), f"{name} missing from the docstring table"
     for name in re.findall(r"^(cepo_\w+)\s", telemetry.__doc__, re.M):
@@ -115,7 +115,7 @@ def test_every_documented_metric_is_defined_documented_and_served():
     assert telemetry.serve_metrics(0, "127.0.0.1") == port  # once per process
     assert telemetry.serve_metrics(port, "127.0.0.1") == port
     # every family is exposed with its documented type once it has been touched
-    telemetry.observe_step(report(0))
+    telemetry.observe_step(report(0, replica_restarts={"rollout": 1}))
     with telemetry.track_rollout("types-r") as t:
         t.tokens = 1
     with telemetry.track_teacher("types-t") as t:

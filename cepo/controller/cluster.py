@@ -70,11 +70,18 @@ def policy_options(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def train_sampling(cfg: RunConfig) -> SamplingSpec:
-    """The rollouts' sampling: G samples per prompt at the rollout settings."""
+def train_sampling(cfg: RunConfig, step: int) -> SamplingSpec:
+    """The rollouts' sampling: G samples per prompt at the rollout settings, seeded by (run seed, step) so that
+    a resumed run samples what the uninterrupted one would have (where the engine honours request seeds)."""
     r = cfg.rollout
+    seed = (cfg.seed * 1_000_003 + step * 10_007) % 2**31
     return SamplingSpec(
-        n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens
+        n=r.group_size,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_tokens=r.max_new_tokens,
+        seed=seed,
     )
 
 

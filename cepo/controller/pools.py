@@ -2,10 +2,18 @@
 
 Every call crosses the boundary as a ``cepo_proto`` message; results come back through the Ray object store.
 A pool never waits longer than ``resources.call_timeout_s`` for any call.
+
+A replica that dies or stops answering mid-call (its process killed, the actor crashed, the call timed out) is
+replaced: the new actor, under the same name, loads the adapter version its role serves and confirms it before
+it gets any work, and the failed chunk of rows goes to the replicas present. A row is only ever taken from one
+successful call, so no prompt is lost or counted twice; replacements are counted per role (``restarts``).
+Errors raised by a replica's own code (a version mismatch, bad input) are not faults of the process and fail
+the call as before. The learner is not replaced here: a rank's death fails the step with the rank named.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +31,14 @@ from cepo_proto.pipeline import (
     TeacherRequest,
 )
 
-__all__ = ["ServicePools", "SyncError", "check_acks", "split_evenly"]
+__all__ = ["ROLES", "ReplicaLost", "ServicePools", "SyncError", "check_acks", "split_evenly"]
+
+ROLES = ("rollout", "teacher", "verifier")
+MAX_REPLACEMENTS_PER_CALL = 3
+
+
+class ReplicaLost(RuntimeError):
+    """A role's replicas kept dying during one call (more than MAX_REPLACEMENTS_PER_CALL rounds)."""
 
 
 class SyncError(RuntimeError):
@@ -69,35 +84,35 @@ class ServicePools:
 
         self.cfg = cfg
         start_ray(cfg)
-        res = cfg.resources
+        res, v = cfg.resources, cfg.verifier
         replica = {"num_cpus": res.cpus_per_replica, "num_gpus": res.gpus_per_replica}
 
-        def engine(cls: type, name: str, backend: str, seed: int) -> Any:
+        def engine(cls: type, backend: str, seed: int, name: str) -> Any:
             options = engine_options(cfg, backend, seed)
             return ray.remote(**replica)(cls).remote(name, backend, cfg.model.path, **options)
 
-        self.rollout = {
-            f"rollout-{i}": engine(RolloutReplica, f"rollout-{i}", cfg.rollout.backend, cfg.seed + i)
-            for i in range(cfg.rollout.replicas)
+        # role → start replica ``index`` under ``name``
+        self._spawn: dict[str, Callable[[str, int], Any]] = {
+            "rollout": lambda name, i: engine(RolloutReplica, cfg.rollout.backend, cfg.seed + i, name),
+            "teacher": lambda name, i: engine(TeacherReplica, cfg.teacher.backend, cfg.seed + 100 + i, name),
+            "verifier": lambda name, i: ray.remote(num_cpus=1)(VerifierReplica).remote(
+                name, format_weight=v.format_weight, timeout_s=v.timeout_s, max_chars=v.max_response_chars
+            ),
         }
-        self.teacher = {}
-        if with_teacher:
-            self.teacher = {
-                f"teacher-{i}": engine(
-                    TeacherReplica, f"teacher-{i}", cfg.teacher.backend, cfg.seed + 100 + i
-                )
-                for i in range(cfg.teacher.replicas)
-            }
-        v = cfg.verifier
-        self.verifier = {
-            f"verifier-{i}": ray.remote(num_cpus=1)(VerifierReplica).remote(
-                f"verifier-{i}",
-                format_weight=v.format_weight,
-                timeout_s=v.timeout_s,
-                max_chars=v.max_response_chars,
-            )
-            for i in range(v.replicas)
+        counts = {
+            "rollout": cfg.rollout.replicas,
+            "teacher": cfg.teacher.replicas if with_teacher else 0,
+            "verifier": v.replicas,
         }
+        self.pools: dict[str, dict[str, Any]] = {
+            role: {f"{role}-{i}": self._spawn[role](f"{role}-{i}", i) for i in range(counts[role])}
+            for role in ROLES
+        }
+        self.rollout, self.teacher, self.verifier = (self.pools[role] for role in ROLES)
+        self.serving: dict[str, AdapterPayload | None] = dict.fromkeys(ROLES)  # the adapter each role serves
+        self.restarts: dict[str, int] = dict.fromkeys(ROLES, 0)
+        self.targets: list[dict[str, Any]] = []
+        self._port_of: Callable[[str, int], int | None] | None = None
         self.learner = LearnerGroup(
             cfg.model.path,
             cfg.learner.ranks,
@@ -114,18 +129,69 @@ class ServicePools:
 
         return ray.get(refs, timeout=self.cfg.resources.call_timeout_s)
 
-    def _fan_out(self, actors: Sequence[Any], n: int, call: Callable[[Any, int, int], Any]) -> list[Any]:
-        """Split rows [0, n) over ``actors``; ``call(actor, start, stop)`` returns a ref; results in order."""
-        ranges = split_evenly(n, len(actors))
-        return self._call([call(actors[i], a, b) for i, (a, b) in enumerate(ranges)])
+    def _fan_out(self, role: str, n: int, call: Callable[[Any, int, int], Any]) -> list[Any]:
+        """Split rows [0, n) over the role's replicas; ``call(actor, start, stop)`` returns a ref. Results in row
+        order; a chunk whose replica died or timed out is redone on the replicas present after a replacement."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pool = self.pools[role]
+        names = list(pool)
+        work = [(names[i], a, b) for i, (a, b) in enumerate(split_evenly(n, len(names)))]
+        results: dict[int, Any] = {}
+        for _ in range(MAX_REPLACEMENTS_PER_CALL + 1):
+            refs = {call(pool[name], a, b): (name, a, b) for name, a, b in work}
+            done, late = ray.wait(
+                list(refs), num_returns=len(refs), timeout=self.cfg.resources.call_timeout_s
+            )
+            failed, lost = [], set()
+            for ref in done:
+                name, a, b = refs[ref]
+                try:
+                    results[a] = ray.get(ref)
+                except RayActorError:  # the process died (killed, crashed, out of memory)
+                    failed.append((a, b))
+                    lost.add(name)
+            for ref in late:  # no answer within the call timeout: presumed hung
+                name, a, b = refs[ref]
+                failed.append((a, b))
+                lost.add(name)
+            if not failed:
+                return [results[a] for a in sorted(results)]
+            for name in sorted(lost):
+                self._replace(role, name)
+            names = list(pool)
+            work = [(names[i % len(names)], a, b) for i, (a, b) in enumerate(failed)]
+        raise ReplicaLost(
+            f"{role} replicas kept dying: {MAX_REPLACEMENTS_PER_CALL} replacement rounds in one call"
+        )
+
+    def _replace(self, role: str, name: str) -> None:
+        """Kill ``name`` (if it is still there), start a new replica under that name that loads and confirms the
+        adapter its role serves before it gets work, and restart its /metrics endpoint."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.kill(self.pools[role][name], no_restart=True)
+        index = int(name.rpartition("-")[2])
+        actor = self._spawn[role](name, index)
+        payload = self.serving[role]
+        if payload is not None:
+            ack = self._call([actor.load_adapter.remote(payload)])[0]
+            check_acks([ack], payload.version, payload.checksum, [name])
+        self.pools[role][name] = actor
+        self.restarts[role] += 1
+        if self._port_of is not None:
+            host, port = self._call([actor.metrics_endpoint.remote(self._port_of(role, index))])[0]
+            for target in self.targets:
+                if target["replica"] == name:
+                    target.update(host=host, port=port)
 
     def metrics_endpoints(self, port_of: Callable[[str, int], int | None]) -> list[dict[str, Any]]:
-        """Start every service's /metrics endpoint on ``port_of(service, index)``; one target per endpoint."""
-        named = [
-            *(("rollout", i, name, a) for i, (name, a) in enumerate(self.rollout.items())),
-            *(("teacher", i, name, a) for i, (name, a) in enumerate(self.teacher.items())),
-            *(("verifier", i, name, a) for i, (name, a) in enumerate(self.verifier.items())),
-        ]
+        """Start every service's /metrics endpoint on ``port_of(service, index)``; one target per endpoint (kept
+        up to date in ``targets`` when a replica is replaced)."""
+        self._port_of = port_of
+        named = [(role, i, name, a) for role in ROLES for i, (name, a) in enumerate(self.pools[role].items())]
         refs = [actor.metrics_endpoint.remote(port_of(service, i)) for service, i, _, actor in named]
         targets = [
             {"service": service, "host": host, "port": port, "replica": name}
@@ -134,17 +200,33 @@ class ServicePools:
         ports = [port_of("learner", r) for r in range(self.cfg.learner.ranks)]
         for r, (host, port) in enumerate(self.learner.metrics_endpoints(ports)):
             targets.append({"service": "learner", "host": host, "port": port, "replica": f"rank-{r}"})
+        self.targets = targets
         return targets
 
     # ------------------------------------------------------------------------------------------ calls
-    def broadcast(self, payload: AdapterPayload, *, include_teacher: bool) -> None:
-        """One ray.put of the adapter; every rollout (and teacher) replica loads it and confirms it."""
+    def broadcast(self, payload: AdapterPayload, *, rollout: bool = True, teacher: bool = False) -> None:
+        """One ray.put of the adapter; every rollout and/or teacher replica loads it and confirms it. A replica
+        that died is replaced, and its replacement loads this payload (its role serves it from now on)."""
         import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
 
+        roles = [role for role, wanted in (("rollout", rollout), ("teacher", teacher)) if wanted]
+        for role in roles:
+            self.serving[role] = payload
         ref = ray.put(payload)
-        targets = {**self.rollout, **(self.teacher if include_teacher else {})}
-        acks = self._call([actor.load_adapter.remote(ref) for actor in targets.values()])
-        check_acks(acks, payload.version, payload.checksum, list(targets))
+        calls = {
+            name: (role, actor.load_adapter.remote(ref))
+            for role in roles
+            for name, actor in self.pools[role].items()
+        }
+        acks = []
+        for name, (role, call) in calls.items():
+            try:
+                acks.append(ray.get(call, timeout=self.cfg.resources.call_timeout_s))
+            except (RayActorError, GetTimeoutError):
+                self._replace(role, name)  # confirms (version, checksum) itself
+                acks.append(AdapterAck(replica=name, version=payload.version, checksum=payload.checksum))
+        check_acks(acks, payload.version, payload.checksum, list(calls))
 
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingSpec, version: int
@@ -152,11 +234,14 @@ class ServicePools:
         """Spread prompts over the rollout replicas; per prompt, its ``sampling.n`` rollouts of ``version``."""
 
         def call(actor: Any, a: int, b: int) -> Any:
-            request = GenerateRequest(prompts=prompt_ids[a:b], sampling=sampling, expected_version=version)
+            spec = (
+                sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + a})
+            )
+            request = GenerateRequest(prompts=prompt_ids[a:b], sampling=spec, expected_version=version)
             return actor.generate.remote(request)
 
         groups: list[list[Rollout]] = []
-        for result in self._fan_out(list(self.rollout.values()), len(prompt_ids), call):
+        for result in self._fan_out("rollout", len(prompt_ids), call):
             offset = len(groups)
             for group in result.rollouts:
                 stale = [r.policy_version for r in group if r.policy_version != version]
@@ -171,11 +256,7 @@ class ServicePools:
         def call(actor: Any, a: int, b: int) -> Any:
             return actor.grade.remote(GradeRequest(responses=responses[a:b], answers=answers[a:b]))
 
-        return [
-            v
-            for result in self._fan_out(list(self.verifier.values()), len(responses), call)
-            for v in result.verdicts
-        ]
+        return [v for result in self._fan_out("verifier", len(responses), call) for v in result.verdicts]
 
     def score(
         self, items: list[TeacherItem], *, temperature: float, template: str, version: int | None
@@ -190,7 +271,7 @@ class ServicePools:
 
         pos: list[np.ndarray | None] = []
         neg: list[np.ndarray] = []
-        for result in self._fan_out(list(self.teacher.values()), len(items), call):
+        for result in self._fan_out("teacher", len(items), call):
             pos.extend(result.logp_pos)
             neg.extend(result.logp_neg)
         return pos, neg
@@ -199,7 +280,7 @@ class ServicePools:
         """Shut every replica down (each given a minute), kill it, then the learner group."""
         import ray
 
-        for actor in [*self.rollout.values(), *self.teacher.values(), *self.verifier.values()]:
+        for actor in [a for role in ROLES for a in self.pools[role].values()]:
             try:
                 ray.get(actor.shutdown.remote(), timeout=60)
             except Exception as exc:  # keep closing the others

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,66 @@ from cepo.controller.state import StepState
 from cepo_proto import AdapterPayload
 from cepo_proto.pipeline import StepReport
 
-__all__ = ["StepRecorder"]
+__all__ = ["Checkpoint", "CheckpointError", "RunFolderError", "StepRecorder", "load_checkpoint"]
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # any of them: the folder holds a run
+
+
+class RunFolderError(ValueError):
+    """The run folder already holds another run (and neither resume nor overwrite was asked for)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, truncated or altered; names the file."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: its folder and state.json (step, versions, λ, cursor, run id, file digests)."""
+
+    path: Path
+    state: dict[str, Any]
+
+    def adapter(self, folder: str = "adapter") -> AdapterPayload:
+        key = "adapter_version" if folder == "adapter" else "teacher_version"
+        return AdapterPayload.from_dir(int(self.state[key]), self.path / folder)
+
+    def learner_state(self) -> dict[str, Any]:
+        return torch.load(self.path / "learner.pt", map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """The run's latest checkpoint, every file checked against the digests in its state.json.
+
+    Never a silent fresh start: no checkpoint, or a damaged one, is an error naming the folder or file."""
+    folder = run_dir / "checkpoints"
+    done = sorted(p for p in folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    if not done:
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from (checkpoints/step_NNNNN/)")
+    path = done[-1]
+    state_file = path / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{state_file}: unreadable or incomplete ({exc})") from None
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: truncated or altered (its sha256 differs from state.json's)")
+    return Checkpoint(path, state)
 
 
 def _finite(values: torch.Tensor) -> list[float]:
@@ -35,14 +95,34 @@ class StepRecorder:
         self._ledger_open = False  # a ledger record was started and not yet finished
         self.metrics_path = run_dir / "metrics.jsonl"
 
-    def open(self) -> None:
+    def open(self, *, resume: bool = False, overwrite: bool = False) -> None:
         """Reach the ledger first (a configured but unreachable Redis is an error before any service starts),
-        then write the resolved config and start the ledger record."""
+        then write the resolved config and start the ledger record. A folder that holds another run is refused
+        unless the run is resumed there or ``overwrite`` (which removes that run's records first)."""
         cfg = self.cfg
+        taken = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+        if taken and not resume and not overwrite:
+            raise RunFolderError(
+                f"{self.run_dir} already holds a run ({', '.join(taken)}): resume it with --resume, "
+                "choose another folder, or pass --overwrite to replace it"
+            )
         if cfg.logging.redis_url:
             from cepo.ledger import RunLedger
 
             self.ledger = RunLedger(cfg.logging.redis_url)
+        if taken and overwrite and not resume:
+            for name in (
+                *RUN_FILES,
+                "steps",
+                "adapter",
+                "eval.jsonl",
+                "summary.json",
+                "prometheus_targets.json",
+            ):
+                target = self.run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if resume:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if self.ledger is not None:
@@ -54,6 +134,19 @@ class StepRecorder:
                 run_dir=str(self.run_dir.resolve()),
             )
             self._ledger_open = True
+
+    def rewind(self, step: int) -> None:
+        """Forget what came after the checkpoint of ``step``: later metrics lines and token dumps (a step that
+        ran but was never checkpointed is run again)."""
+        if self.metrics_path.is_file():
+            lines = self.metrics_path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.metrics_path)
+        for dump in (self.run_dir / "steps").glob("step_*.json"):
+            if int(dump.stem.removeprefix("step_")) >= step:
+                dump.unlink()
 
     def targets(self, service_targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Serve the controller's /metrics and write every endpoint to prometheus_targets.json."""
@@ -130,17 +223,33 @@ class StepRecorder:
         tmp.write_text(json.dumps(data, allow_nan=False, default=float))
         tmp.replace(path)
 
-    def checkpoint(self, step: int, payload: AdapterPayload, state: dict[str, Any]) -> Path:
-        """checkpoints/step_NNNNN/ (PEFT adapter + state.json), written atomically; adapter/ is the latest."""
+    def checkpoint(
+        self,
+        step: int,
+        payload: AdapterPayload,
+        learner_state: dict[str, Any],
+        state: dict[str, Any],
+        teacher: AdapterPayload | None = None,
+    ) -> Path:
+        """checkpoints/step_NNNNN/: the PEFT adapter, the learner's training state (learner.pt), the teacher's
+        adapter when it serves another version than the actor's, and state.json with the sha256 of every file.
+        Written into a temporary folder, then renamed; adapter/ is the latest adapter."""
         final = self.run_dir / "checkpoints" / f"step_{step:05d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         payload.write_to(tmp / "adapter")
+        if teacher is not None:
+            teacher.write_to(tmp / "teacher_adapter")
+        torch.save(learner_state, tmp / "learner.pt")
+        files = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         record = {
             "step": step,
             "adapter_version": payload.version,
             "adapter_checksum": payload.checksum,
+            "teacher_version": None if teacher is None else teacher.version,
+            "run_id": self.run_id,
             **state,
+            "files": files,
         }
         (tmp / "state.json").write_text(json.dumps(record, indent=2))
         shutil.rmtree(final, ignore_errors=True)

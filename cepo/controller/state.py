@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from cepo_proto import Problem, Verdict
-from cepo_proto.pipeline import STAGES, Rollout
+from cepo_proto.learner import UpdateResult
+from cepo_proto.pipeline import STAGES, Rollout, StepReport
 
 __all__ = ["StepState"]
 
@@ -19,6 +21,7 @@ class StepState:
 
     index: int
     lam: float
+    version: int  # the adapter version the rollouts come from
     problems: list[Problem]
     prompt_texts: list[str]
     prompt_ids: list[list[int]]
@@ -33,6 +36,7 @@ class StepState:
     evidence: Any = None  # EvidenceStats of a scored step
     old_logp: torch.Tensor | None = None
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    restarts: dict[str, int] = field(default_factory=dict)  # replicas replaced during the step, by role
 
     @property
     def groups(self) -> list[int]:
@@ -45,3 +49,49 @@ class StepState:
     @property
     def correct(self) -> list[bool]:
         return [v.correct for v in self.verdicts]
+
+    def report(self, method: str, update: UpdateResult, seconds: float) -> StepReport:
+        """The step's line of metrics.jsonl."""
+        stats, ev, tokens = update.stats, self.evidence, int(self.mask.sum())
+        signal = {g for g, a in zip(self.groups, self.seq_adv.tolist(), strict=True) if a != 0}
+        return StepReport(
+            step=self.index,
+            policy_version=self.version,
+            adapter_version=update.adapter.version,
+            update_skipped=stats.skipped,
+            replica_restarts=self.restarts,
+            method=method,
+            lam=self.lam,
+            reward_mean=float(np.mean(self.rewards)),
+            accuracy=float(np.mean(self.correct)),
+            zero_variance_groups=len(self.problems) - len(signal),  # groups whose rollouts all got A = 0
+            groups=len(self.problems),
+            tokens=tokens,
+            stage_seconds={k: round(v, 4) for k, v in self.times.items()},
+            step_seconds=seconds,
+            tokens_per_s=tokens / seconds,
+            negatives_found=sum(1 for c in self.negatives.values() if c is not None),
+            loss=stats.loss,
+            grad_norm=stats.grad_norm,
+            ppo_clip_frac=stats.clip_frac,
+            lr=stats.lr,
+            distill_loss=stats.distill_loss,
+            adapter_checksum=update.adapter.checksum,
+            **({} if ev is None else {k: getattr(ev, k) for k in EVIDENCE_FIELDS}),
+        )
+
+    def samples(self, keep: int) -> list[dict[str, Any]]:
+        """The first ``keep`` rollouts as the ledger shows them."""
+        return [
+            {
+                "prompt": self.prompt_texts[r.prompt_index],
+                "response": r.text,
+                "answer": self.problems[r.prompt_index].answer,
+                "reward": v.reward,
+                "correct": v.correct,
+            }
+            for r, v in list(zip(self.rollouts, self.verdicts, strict=True))[:keep]
+        ]
+
+
+EVIDENCE_FIELDS = ("delta_pos_frac", "delta_neg_frac", "weight_clip_frac", "abs_adv_before", "abs_adv_after")

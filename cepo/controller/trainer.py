@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cepo import telemetry
@@ -40,10 +39,18 @@ from cepo.controller.pools import ServicePools
 from cepo.controller.recorder import StepRecorder
 from cepo.controller.state import StepState
 from cepo_proto import AdapterPayload, Problem
-from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateSettings
+from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateSettings, UpdateStats
 from cepo_proto.pipeline import SamplingSpec, StepReport, TeacherItem
 
-__all__ = ["Trainer", "median_stages"]
+__all__ = ["PoisonedRun", "RunInterrupted", "Trainer"]
+
+
+class PoisonedRun(RuntimeError):
+    """Too many updates in a row were skipped as non-finite."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on request (a signal) after a finished, checkpointed step."""
 
 
 class Trainer:
@@ -65,8 +72,10 @@ class Trainer:
         self.version = -1  # the adapter version every replica serves (the learner assigns it)
         self.checksum = ""
         self.payload: AdapterPayload | None = None
-        self.teacher_version: int | None = None
+        self.teacher_payload: AdapterPayload | None = None  # what the teacher replicas serve (None: base)
         self._started = False
+        self._stop = threading.Event()
+        self._skipped_in_row = 0
         self.pools: ServicePools | None = None
         # the run's id in the ledger and in Prometheus target labels: name + start time, unique per run
         self.run_id = f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
@@ -77,13 +86,22 @@ class Trainer:
         return self.pools.learner
 
     # ------------------------------------------------------------------------------------------ set-up
-    def start(self) -> None:
+    @property
+    def teacher_version(self) -> int | None:
+        return None if self.teacher_payload is None else self.teacher_payload.version
+
+    def start(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Start every service; with ``resume`` continue the run in ``run_dir`` from its latest checkpoint."""
         from transformers import AutoTokenizer
 
+        from cepo.controller.recorder import load_checkpoint
         from cepo.data import DataCursor, from_config
 
         cfg = self.cfg
-        self.recorder.open()
+        checkpoint = load_checkpoint(self.run_dir) if resume else None  # a damaged one fails before anything
+        if checkpoint is not None:
+            self.run_id = self.recorder.run_id = checkpoint.state.get("run_id", self.run_id)
+        self.recorder.open(resume=resume, overwrite=overwrite)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         loaded = from_config(cfg.data)
         for skipped in loaded.skipped:
@@ -95,14 +113,41 @@ class Trainer:
         if base is not None:
             endpoints = self.pools.metrics_endpoints(lambda s, i: telemetry.service_port(base, s, i))
             self.metrics_targets = self.recorder.targets(endpoints)
-        # Version 0: the learner's initial adapter (LoRA B = 0, i.e. exactly the base policy), served everywhere.
-        self._serve(self.learner.export_adapter(), include_teacher=cfg.teacher.source != "reference")
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:  # version 0: the learner's initial adapter (LoRA B = 0, exactly the base policy), served everywhere
+            self._serve(self.learner.export_adapter(), include_teacher=cfg.teacher.source != "reference")
 
     def _serve(self, payload: AdapterPayload, *, include_teacher: bool) -> None:
-        self.pools.broadcast(payload, include_teacher=include_teacher)
+        self.pools.broadcast(payload, teacher=include_teacher)
         self.version, self.checksum, self.payload = payload.version, payload.checksum, payload
         if include_teacher and self.pools.teacher:
-            self.teacher_version = payload.version
+            self.teacher_payload = payload
+
+    def _restore(self, checkpoint: Any) -> None:
+        """The learner's training state, the adapters the replicas served, the data cursor and the step."""
+        from cepo.controller.recorder import CheckpointError
+
+        self.learner.load_training_state(checkpoint.learner_state())
+        payload = self.learner.export_adapter()
+        if payload.checksum != checkpoint.state["adapter_checksum"]:
+            raise CheckpointError(
+                f"{checkpoint.path}: the restored learner does not reproduce the saved adapter"
+            )
+        source = self.cfg.teacher.source
+        teacher = (
+            checkpoint.adapter("teacher_adapter")
+            if checkpoint.state.get("teacher_version") is not None
+            else None
+        )
+        self._serve(payload, include_teacher=source != "reference" and teacher is None)
+        if teacher is not None:
+            self.pools.broadcast(teacher, rollout=False, teacher=True)
+            self.teacher_payload = teacher
+        self.cursor.load_state_dict(checkpoint.state["cursor"])
+        self.step_index = int(checkpoint.state["step"])
+        self.recorder.rewind(self.step_index)
+        self.log(f"resumed {self.run_id} at step {self.step_index} (adapter version {self.version})")
 
     def prompts(self, problems: Sequence[Problem]) -> tuple[list[str], list[list[int]]]:
         """Student prompt texts (``data.prompt_template``) and their chat-templated token ids."""
@@ -114,7 +159,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def step(self) -> StepReport:
         alg = self.cfg.algorithm
-        started = time.perf_counter()
+        started, restarts = time.perf_counter(), dict(self.pools.restarts)
         lam = lambda_at(self.step_index, alg.lambda_schedule, alg.lambda0, alg.warm_steps, alg.fast_steps)
         s = self._rollout(lam)  # 1. prompts → G rollouts each, from adapter v
         self._verify(s)  # 2. rewards
@@ -122,6 +167,9 @@ class Trainer:
         self._teacher(s)  # 4. log P_T⁺ / log P_T⁻ → Â_t (the method's token advantages)
         update = self._update(s)  # 5. old log-probs, PPO-clip update → adapter v + 1
         self._sync(s, update.adapter)  # 6. adapter v + 1 on every replica, confirmed
+        s.restarts = {
+            role: n - restarts[role] for role, n in self.pools.restarts.items() if n > restarts[role]
+        }
         return self._finish(s, update, time.perf_counter() - started)
 
     @contextlib.contextmanager
@@ -134,9 +182,9 @@ class Trainer:
 
     def _rollout(self, lam: float) -> StepState:
         problems = self.cursor.next_batch(self.cfg.rollout.prompts_per_step)
-        s = StepState(self.step_index, lam, problems, *self.prompts(problems))
+        s = StepState(self.step_index, lam, self.version, problems, *self.prompts(problems))
         with self._timed(s, "gen"):
-            groups = self.pools.generate(s.prompt_ids, train_sampling(self.cfg), self.version)
+            groups = self.pools.generate(s.prompt_ids, train_sampling(self.cfg, s.index), self.version)
         s.rollouts = [r for group in groups for r in group]
         return s
 
@@ -193,8 +241,8 @@ class Trainer:
                     items, temperature=temperature, template=template, version=expected
                 )
                 for i, p, q in zip(rows, pos, neg, strict=True):
-                    s.logp_pos[i, : len(p)] = torch.as_tensor(p)
-                    s.logp_neg[i, : len(q)] = torch.as_tensor(q)
+                    s.logp_pos[i, : len(p)] = torch.tensor(p)
+                    s.logp_neg[i, : len(q)] = torch.tensor(q)
         with self._timed(s, "adv"):
             s.token_adv = self.method.token_advantages(
                 s.seq_adv, s.logp_pos, s.logp_neg, s.mask, s.lam, alg.eps_w
@@ -227,10 +275,19 @@ class Trainer:
         return spec, [(c, r.response_ids) for c, r in zip(contexts, s.rollouts, strict=True)]
 
     def _update(self, s: StepState) -> UpdateResult:
+        """Old log-probs and one PPO-clip update → adapter v + 1; a poisoned batch (non-finite advantages, or a
+        non-finite loss or gradient norm on the learner) is skipped: weights and version stay v."""
         lc = self.cfg.learner
         samples = [(s.prompt_ids[r.prompt_index], r.response_ids) for r in s.rollouts]
         with self._timed(s, "old_logp"):
             s.old_logp = self.learner.old_logprobs(samples, micro_batch_size=lc.micro_batch_size)
+        bad = sorted({int(i) for i in (~torch.isfinite(s.token_adv)).nonzero()[:, 0].tolist()})
+        if bad:
+            self.log(f"step {s.index + 1}: non-finite advantages in rows {bad[:20]}: update skipped")
+            nan = float("nan")
+            return UpdateResult(
+                stats=UpdateStats(nan, nan, nan, nan, nan, skipped=True), adapter=self.payload, seconds=0.0
+            )
         distill, teacher_samples = self._distillation(s)
         settings = UpdateSettings(
             micro_batch_size=lc.micro_batch_size,
@@ -247,9 +304,14 @@ class Trainer:
             teacher_samples=teacher_samples,
         )
         with self._timed(s, "update"):
-            return self.learner.update(request)
+            result = self.learner.update(request)
+        if result.stats.skipped:
+            self.log(f"step {s.index + 1}: non-finite loss or gradient norm on the learner: update skipped")
+        return result
 
     def _sync(self, s: StepState, adapter: AdapterPayload) -> None:
+        if adapter.version == self.version:  # a skipped update: every replica already serves it
+            return
         source, after = self.cfg.teacher.source, s.index + 1
         with_teacher = source == "actor" or (source == "synced" and after % self.cfg.teacher.sync_every == 0)
         with self._timed(s, "sync"):
@@ -257,45 +319,24 @@ class Trainer:
 
     def _finish(self, s: StepState, update: UpdateResult, seconds: float) -> StepReport:
         """The step's report, recorded everywhere; checkpoint every ``logging.checkpoint_every`` steps."""
-        stats, ev = update.stats, s.evidence
-        tokens = int(s.mask.sum())
-        report = StepReport(
-            step=s.index,
-            policy_version=update.adapter.version - 1,
-            adapter_version=update.adapter.version,
-            method=self.method.name,
-            lam=s.lam,
-            reward_mean=float(np.mean(s.rewards)),
-            accuracy=float(np.mean(s.correct)),
-            zero_variance_groups=len(s.problems)
-            - len({g for g, a in zip(s.groups, s.seq_adv.tolist(), strict=True) if a != 0}),
-            groups=len(s.problems),
-            tokens=tokens,
-            stage_seconds={k: round(v, 4) for k, v in s.times.items()},
-            step_seconds=seconds,
-            tokens_per_s=tokens / seconds,
-            negatives_found=sum(1 for c in s.negatives.values() if c is not None),
-            loss=stats.loss,
-            grad_norm=stats.grad_norm,
-            ppo_clip_frac=stats.clip_frac,
-            lr=stats.lr,
-            distill_loss=stats.distill_loss,
-            adapter_checksum=update.adapter.checksum,
-            **({} if ev is None else {k: getattr(ev, k) for k in EVIDENCE_FIELDS}),
-        )
+        stats = update.stats
+        report = s.report(self.method.name, update, seconds)
         self.recorder.dump_tokens(s, report.policy_version, self.tokenizer)
-        keep = self.cfg.logging.samples_per_step
-        samples = [
-            {
-                "prompt": s.prompt_texts[r.prompt_index],
-                "response": r.text,
-                "answer": s.problems[r.prompt_index].answer,
-            }
-            | {"reward": v.reward, "correct": v.correct}
-            for r, v in list(zip(s.rollouts, s.verdicts, strict=True))[:keep]
-        ]
-        self.recorder.record(report, samples)
+        self.recorder.record(report, s.samples(self.cfg.logging.samples_per_step))
+        if s.restarts:
+            self.log(
+                f"step {s.index + 1}: replaced {s.restarts} replicas; each confirmed version {self.version}"
+            )
+            if self.cfg.logging.metrics_port is not None:
+                self.recorder.targets(self.pools.targets)
         self.step_index = s.index + 1
+        self._skipped_in_row = self._skipped_in_row + 1 if stats.skipped else 0
+        if self._skipped_in_row > self.cfg.learner.max_skipped_steps:
+            raise PoisonedRun(
+                f"{self._skipped_in_row} updates in a row skipped for non-finite advantages, loss or gradient "
+                f"norm (learner.max_skipped_steps = {self.cfg.learner.max_skipped_steps}); the last good "
+                f"adapter is version {self.version}"
+            )
         if self.step_index % self.cfg.logging.checkpoint_every == 0:
             self.checkpoint()
         if self.on_step:
@@ -303,6 +344,10 @@ class Trainer:
         return report
 
     # ------------------------------------------------------------------------------------------ runs
+    def request_stop(self) -> None:
+        """Stop after the current step (a signal handler may call it): checkpoint, then raise RunInterrupted."""
+        self._stop.set()
+
     def train(
         self, steps: int | None = None, *, every: int = 0, callback: Callable[[int], None] | None = None
     ) -> list[StepReport]:
@@ -311,19 +356,26 @@ class Trainer:
             self.start()
         reports = []
         for _ in range(steps if steps is not None else self.cfg.algorithm.steps):
+            if self._stop.is_set():
+                break
             reports.append(self.step())
             if callback is not None and every > 0 and self.step_index % every == 0:
                 callback(self.step_index)
         if reports and self.step_index % self.cfg.logging.checkpoint_every != 0:
             self.checkpoint()  # the last step is always saved
+        if self._stop.is_set():
+            raise RunInterrupted(f"stopped after step {self.step_index}; resume with --resume {self.run_dir}")
         return reports
 
     def checkpoint(self) -> Path:
-        """The adapter every replica serves + controller state (step, next λ, data cursor)."""
+        """The adapter every replica serves, the learner's training state (optimizer, EMA, RNG), the teacher's
+        adapter where it differs, and the controller's state (step, next λ, data cursor)."""
         alg = self.cfg.algorithm
         lam = lambda_at(self.step_index, alg.lambda_schedule, alg.lambda0, alg.warm_steps, alg.fast_steps)
         state = {"lambda_next": lam, "cursor": self.cursor.state_dict()}
-        return self.recorder.checkpoint(self.step_index, self.payload, state)
+        teacher = self.teacher_payload if self.teacher_version not in (None, self.version) else None
+        learner = self.learner.training_state()
+        return self.recorder.checkpoint(self.step_index, self.payload, learner, state, teacher=teacher)
 
     def evaluate(
         self, problems: Sequence[Problem], *, samples: int = 1, greedy: bool = False
@@ -348,27 +400,3 @@ class Trainer:
         if self._started:
             self.pools.close(self.log)
             self._started = False
-
-
-EVIDENCE_FIELDS = ("delta_pos_frac", "delta_neg_frac", "weight_clip_frac", "abs_adv_before", "abs_adv_after")
-
-
-def median_stages(reports: Sequence[StepReport], skip: int = 1) -> dict[str, Any]:
-    """Medians over steps after ``skip`` warm-up steps: step seconds, per-stage seconds and tokens/s."""
-    kept = list(reports[skip:]) or list(reports)
-
-    def median(*stages: str) -> float:
-        return statistics.median(sum(r.stage_seconds[st] for st in stages) for r in kept)
-
-    return {
-        "step_s": statistics.median(r.step_seconds for r in kept),
-        "stages": {
-            "gen": median("gen"),
-            "verify": median("verify"),
-            "teacher": median("teacher"),
-            "adv": median("adv"),
-            "update": median("old_logp", "update"),
-            "sync": median("sync"),
-        },
-        "tokens_per_s": statistics.median(r.tokens_per_s for r in kept),
-    }

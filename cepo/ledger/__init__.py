@@ -1,6 +1,8 @@
 """The run ledger: one record per training run in Redis, plus a stream of per-step reports.
 
 - :mod:`cepo.ledger.store`: the Redis store (:class:`RunLedger`, its key layout, :class:`LedgerError`).
+- :mod:`cepo.ledger.buffered`: :class:`BufferedLedger`, RunLedger's writes queued through a Redis outage (in
+  memory and in ``<run_dir>/ledger_spool.jsonl``) and replayed in order when Redis is back.
 - :mod:`cepo.ledger.folders`: without Redis the run folder is the record: :func:`list_run_folders` and
   :func:`read_run_folder` read ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_NNNNN`` and
   ``summary.json`` into the same shape.
@@ -8,6 +10,7 @@
   :func:`cli_show`), which work either way.
 """
 
+from cepo.ledger.buffered import BufferedLedger
 from cepo.ledger.folders import folder_steps, list_run_folders, read_run_folder
 from cepo.ledger.render import cli_list, cli_show, run_details, runs_table
 from cepo.ledger.store import CONFIG_KEY, FINAL_STATUSES, STATUSES, LedgerError, RunLedger, mask_url
@@ -16,6 +19,7 @@ __all__ = [
     "CONFIG_KEY",
     "FINAL_STATUSES",
     "STATUSES",
+    "BufferedLedger",
     "LedgerError",
     "RunLedger",
     "cli_list",

@@ -13,6 +13,10 @@ Key layout (``prefix`` defaults to ``cepo:``)::
                                          capped at about ``stream_maxlen`` entries (MAXLEN ~)
 
 Every multi-key write is one MULTI/EXEC transaction, so a reader never sees half a step.
+
+The client gives up quickly on a dead or hung Redis: ``timeout_s`` per socket operation and one immediate retry
+on a dropped connection (a pooled socket left over from before a Redis restart), never redis-py's default of
+ten retries with back-off. :class:`cepo.ledger.buffered.BufferedLedger` turns an outage into queued writes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ import time
 import urllib.parse
 from typing import Any
 
-__all__ = ["CONFIG_KEY", "FINAL_STATUSES", "STATUSES", "LedgerError", "RunLedger", "mask_url"]
+__all__ = [
+    "CONFIG_KEY",
+    "FINAL_STATUSES",
+    "STATUSES",
+    "LedgerError",
+    "RunLedger",
+    "encode_step",
+    "is_connection_failure",
+    "mask_url",
+]
 
 CONFIG_KEY = "logging.redis_url"
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -75,6 +88,38 @@ def _now() -> float:
     return time.time()
 
 
+def is_connection_failure(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps, e.g. a :class:`LedgerError` raised ``from`` a Redis error) means
+    Redis could not be reached or did not answer in time, as opposed to a bad request."""
+    import redis
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(
+            current,
+            redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | ConnectionError | TimeoutError,
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def encode_step(run_id: str, report: dict, samples: list[dict]) -> tuple[str, str, int, int]:
+    """A step report as the ledger stores it: (report JSON, samples JSON, steps done, policy version).
+    LedgerError when the report cannot be recorded (not JSON-serialisable, no integer ``step``)."""
+    try:
+        report_json = json.dumps(report, allow_nan=True)
+        samples_json = json.dumps(samples, allow_nan=True)
+        step_done = int(report["step"]) + 1
+        # the run's policy version: the adapter its last step produced (older reports: policy_version)
+        version = int(report.get("adapter_version", report.get("policy_version", -1)))
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise LedgerError(f"run {run_id!r}: step report cannot be recorded ({exc})") from exc
+    return report_json, samples_json, step_done, version
+
+
 def _close_matches(wanted: str, candidates: list[str]) -> list[str]:
     return difflib.get_close_matches(wanted, candidates, n=5, cutoff=0.4)
 
@@ -107,6 +152,8 @@ class RunLedger:
         stream_maxlen: int = 10_000,
     ) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.url = url
         self.prefix = prefix
@@ -117,6 +164,9 @@ class RunLedger:
                 url,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
+                # one immediate retry on a dropped connection (a stale pooled socket after a Redis restart);
+                # none on timeouts, so a dead or hung Redis costs about timeout_s per call
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
                 decode_responses=True,
             )
         except (ValueError, TypeError, redis.RedisError) as exc:
@@ -177,13 +227,16 @@ class RunLedger:
         return record
 
     # ------------------------------------------------------------------------------------------ writes
-    def start_run(self, run_id: str, *, name: str, method: str, config: dict, run_dir: str) -> None:
+    def start_run(
+        self, run_id: str, *, name: str, method: str, config: dict, run_dir: str, at: float | None = None
+    ) -> None:
         """Create the run record (status ``running``). A finished/failed/interrupted id is overwritten (its
-        checkpoints and steps dropped); a ``running`` one is refused."""
+        checkpoints and steps dropped); a ``running`` one is refused. ``at``: when it happened (unix seconds;
+        default now), for writes replayed after an outage."""
         import redis
 
         config_json = json.dumps(config, default=str)
-        now = _now()
+        now = _now() if at is None else float(at)
         key = self.run_key(run_id)
         mapping = {
             "id": run_id,
@@ -224,17 +277,10 @@ class RunLedger:
         except redis.RedisError as exc:
             raise LedgerError(f"{CONFIG_KEY} {mask_url(self.url)}: start_run failed ({_cause(exc)})") from exc
 
-    def record_step(self, run_id: str, report: dict, samples: list[dict]) -> None:
+    def record_step(self, run_id: str, report: dict, samples: list[dict], *, at: float | None = None) -> None:
         """One finished step: update the run hash and append ``{report, samples}`` to its stream, atomically.
         Everything is serialised before anything is sent, so a bad report changes nothing."""
-        try:
-            report_json = json.dumps(report, allow_nan=True)
-            samples_json = json.dumps(samples, allow_nan=True)
-            step_done = int(report["step"]) + 1
-            # the run's policy version: the adapter its last step produced (older reports: policy_version)
-            version = int(report.get("adapter_version", report.get("policy_version", -1)))
-        except (TypeError, ValueError, KeyError) as exc:
-            raise LedgerError(f"run {run_id!r}: step report cannot be recorded ({exc})") from exc
+        report_json, samples_json, step_done, version = encode_step(run_id, report, samples)
         self._require_run(run_id)
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(
@@ -243,7 +289,7 @@ class RunLedger:
                 "step": step_done,
                 "policy_version": version,
                 "last_metrics": report_json,
-                "updated_at": repr(_now()),
+                "updated_at": repr(_now() if at is None else float(at)),
             },
         )
         pipe.xadd(
@@ -254,10 +300,10 @@ class RunLedger:
         )
         self._call("record_step", pipe.execute)
 
-    def add_checkpoint(self, run_id: str, step: int, path: str) -> None:
+    def add_checkpoint(self, run_id: str, step: int, path: str, *, at: float | None = None) -> None:
         """Append a checkpoint ``{step, path, at}`` to the run's list."""
         self._require_run(run_id)
-        now = _now()
+        now = _now() if at is None else float(at)
         pipe = self._r.pipeline(transaction=True)
         pipe.rpush(
             self.checkpoints_key(run_id), json.dumps({"step": int(step), "path": str(path), "at": now})
@@ -265,12 +311,14 @@ class RunLedger:
         pipe.hset(self.run_key(run_id), "updated_at", repr(now))
         self._call("add_checkpoint", pipe.execute)
 
-    def finish(self, run_id: str, status: str = "finished", error: str | None = None) -> None:
+    def finish(
+        self, run_id: str, status: str = "finished", error: str | None = None, *, at: float | None = None
+    ) -> None:
         """Close the run with ``status`` (finished | failed | interrupted) and an optional error text."""
         if status not in FINAL_STATUSES:
             raise LedgerError(f"run status must be one of {', '.join(FINAL_STATUSES)}, got {status!r}")
         self._require_run(run_id)
-        now = repr(_now())
+        now = repr(_now() if at is None else float(at))
         self._call(
             "finish",
             self._r.hset,

@@ -232,6 +232,8 @@ class TransformersEngine(Engine):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention[row, width - len(prompt) :] = 1
         greedy = spec.temperature == 0
+        if spec.seed is not None:  # the same request, adapter and seed give the same samples (exact resume)
+            torch.manual_seed(spec.seed)
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=ids,

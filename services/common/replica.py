@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from cepo_proto.adapter import AdapterAck, AdapterPayload
 from cepo_services.common import metrics
 from cepo_services.common.engines import make_engine
@@ -39,6 +41,10 @@ class EngineReplica:
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
         return metrics.endpoint(port)
+
+    def pid(self) -> int:
+        """The replica's process id (operators and fault-injection tests kill it with this)."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         self.engine.close()

@@ -224,6 +224,13 @@ class LearnerRank:
     def export_adapter(self) -> AdapterPayload | None:
         return self.policy.export_adapter()
 
+    def training_state(self) -> dict[str, Any] | None:
+        return self.policy.training_state()
+
+    def load_training_state(self, state: dict[str, Any]) -> int:
+        self.policy.load_training_state(state)
+        return self.policy.version
+
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this rank's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
         return metrics.endpoint(port)
@@ -404,7 +411,9 @@ class LearnerGroup:
             for a, (start, stop) in zip(actors, bounds, strict=True)
         ]
         stats: list[UpdateStats] = self._call("update", refs)
-        self._version += 1
+        skipped = stats[0].skipped  # decided on every rank from the same all-reduced flag
+        if not skipped:
+            self._version += 1
         total = float(sum(tokens))
         merged = UpdateStats(
             loss=sum(s.loss for s in stats),
@@ -413,6 +422,7 @@ class LearnerGroup:
             grad_norm=stats[0].grad_norm,  # the global norm, identical on every rank
             lr=stats[0].lr,
             distill_loss=sum(s.distill_loss for s in stats),
+            skipped=skipped,
         )
         adapter = self.export_adapter()
         return UpdateResult(stats=merged, adapter=adapter, seconds=time.perf_counter() - start)
@@ -424,6 +434,20 @@ class LearnerGroup:
         if payload.version != self._version:
             raise LearnerError(f"rank 0 exported version {payload.version}, the group holds {self._version}")
         return payload
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything an exact resume needs (adapter, optimizer, update count, EMA, RNG), full-size, on CPU."""
+        state = self._call("training_state", [a.training_state.remote() for a in self._live()])[0]
+        assert state is not None, "rank 0 returned no training state"
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Every rank restores ``state`` (its own shard of it); the group then holds the saved version."""
+        ref = ray.put(state)
+        versions = self._call(
+            "load_training_state", [a.load_training_state.remote(ref) for a in self._live()]
+        )
+        self._version = versions[0]
 
     def metrics_endpoints(self, ports: Sequence[int]) -> list[tuple[str, int]]:
         """Start every rank's metrics server on ``ports[r]`` (0: ephemeral); (node ip, port) per rank."""

@@ -16,9 +16,13 @@ with dummy micro-batches that contribute nothing.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -314,14 +318,30 @@ class LoraPolicy:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the global norm, same on every rank
             norm = norm.full_tensor()
+        n_tokens = max(float(batch.response_mask.sum()), 1.0)
+        stats = UpdateStats(
+            loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr, distill_loss=distill_sum
+        )
+        if not self._all_finite(loss_sum, float(norm)):
+            # a poisoned step: weights, optimizer state, EMA and version stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            return dataclasses.replace(stats, skipped=True)
         self.optimizer.step()
         self.step += 1
         if ema:  # SDPO: θ_T ← β·θ_T + (1 − β)·θ, after every optimizer step (Table 7)
             self.ema = ema_update(self._ema(), dict(enumerate(self.params)), distill.ema_decay)
-        n_tokens = max(float(batch.response_mask.sum()), 1.0)
-        return UpdateStats(
-            loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr, distill_loss=distill_sum
-        )
+        return stats
+
+    def _all_finite(self, *values: float) -> bool:
+        """Are this update's loss and gradient norm finite — on every rank (one all-reduce under FSDP)?"""
+        ok = all(math.isfinite(v) for v in values)
+        if self.fsdp:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = bool(flag.item())
+        return ok
 
     def _ema(self) -> dict[int, torch.Tensor]:
         """SDPO's EMA teacher weights, one per trainable tensor; the current weights on first use."""
@@ -356,6 +376,59 @@ class LoraPolicy:
             global_tokens=global_tokens,
         )
 
+    # ------------------------------------------------------------------ resume
+    def training_state(self) -> dict | None:
+        """Everything an exact resume needs, full-size on CPU: the adapter weights, the optimizer state (by
+        parameter name), the update count (= policy version; the LR schedule is a function of it), SDPO's EMA
+        teacher and the torch RNG state. Under FSDP a collective: rank 0 returns it, the others None."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model = get_model_state_dict(self.model, options=options)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        ema = None
+        if self.ema is not None:
+            ema = [
+                (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+                for t in self.ema.values()
+            ]
+        if self.fsdp and dist.get_rank() != 0:
+            return None
+        return {
+            "step": self.step,
+            "model": model,
+            "optimizer": optimizer,
+            "ema": ema,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore :meth:`training_state`'s result (every rank gets the full state and keeps its shard)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in state["model"]]
+        if missing:
+            raise ValueError(f"training state lacks {len(missing)} adapter tensors, e.g. {missing[0]}")
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        self.step = int(state["step"])
+        self.ema = None
+        if state.get("ema") is not None:
+            self.ema = {
+                i: _like(t, p) for i, (t, p) in enumerate(zip(state["ema"], self.params, strict=True))
+            }
+        torch.set_rng_state(state["rng"])
+
     # ------------------------------------------------------------------ export
     @property
     def version(self) -> int:
@@ -375,6 +448,7 @@ class LoraPolicy:
             return None
         with tempfile.TemporaryDirectory(prefix="cepo-export-") as tmp:
             self.model.save_pretrained(tmp, state_dict=state)
+            _canonical_config(Path(tmp) / "adapter_config.json")
             return AdapterPayload.from_dir(self.version if version is None else version, tmp)
 
     def lora_state(self) -> dict[str, torch.Tensor]:
@@ -395,3 +469,21 @@ class LoraPolicy:
                 full = param.full_tensor() if hasattr(param, "full_tensor") else param
                 out[name] = full.detach().to("cpu", copy=True)
         return out
+
+
+def _canonical_config(path: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in the process's string-hash order: the same adapter
+    would get different bytes, and a different checksum, in every process. Sort it and the keys."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param``: this rank's shard of it for an FSDP (DTensor) parameter."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device).clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from cepo_proto.pipeline import GradeRequest, GradeResult
@@ -29,6 +30,10 @@ class VerifierReplica:
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
         return metrics.endpoint(port)
+
+    def pid(self) -> int:
+        """The replica's process id (operators and fault-injection tests kill it with this)."""
+        return os.getpid()
 
     def shutdown(self) -> None:
         self.grader.close()
