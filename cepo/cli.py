@@ -379,11 +379,14 @@ _EXPECTED_BY_NAME = frozenset({"huggingface_hub.errors.HFValidationError"})
 
 
 def _expected_types() -> tuple[type[BaseException], ...]:
-    """What a user can cause and fix (bad config, data, Redis, paths, permissions), unlike a bug."""
+    """What a user can cause and fix (bad config, data, Redis, paths, permissions, a run folder that holds
+    another run, a damaged checkpoint, a run stopped by non-finite updates), unlike a bug."""
+    from cepo.controller.recorder import CheckpointError, RunFolderError
+    from cepo.controller.trainer import PoisonedRun
     from cepo.errors import DataError
     from cepo.ledger.store import LedgerError
 
-    return (ConfigError, DataError, LedgerError, OSError)
+    return (ConfigError, DataError, LedgerError, OSError, RunFolderError, CheckpointError, PoisonedRun)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

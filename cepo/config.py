@@ -339,6 +339,20 @@ def _allowed_values(loc: tuple[Any, ...]) -> list[Any] | None:
     return None
 
 
+def _short(value: Any) -> str:
+    """A bounded repr of a bad value: a YAML alias bomb (lists of lists of aliases) is a few bytes of YAML but its
+    full repr is gigabytes."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxset, short.maxdict = 3, 8, 8, 8, 6
+    short.maxstring, short.maxother, short.maxlong = 80, 80, 60
+    try:
+        return short.repr(value)
+    except (ValueError, RecursionError):  # an int of more than 4,300 digits
+        return f"<{type(value).__name__}>"
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = tuple(
         part for part in error["loc"] if not isinstance(part, int) or error["type"] != "extra_forbidden"
@@ -356,22 +370,34 @@ def _describe(error: dict[str, Any]) -> str:
     allowed_values = _allowed_values(loc) if loc else None
     if kind == "literal_error" or (allowed_values and kind.endswith("_type")):
         values = ", ".join(repr(v) for v in allowed_values or [])
-        return f"{key}: got {got!r}; allowed values: {values}"
+        return f"{key}: got {_short(got)}; allowed values: {values}"
     if kind == "value_error":
         return f"{key}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{key}: {error['msg']} (got {got!r})"
+    return f"{key}: {error['msg']} (got {_short(got)})"
 
 
 def _validate(data: dict[str, Any], source: str) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
+    except RecursionError:
+        raise ConfigError(f"invalid configuration ({source}): values nested too deeply") from None
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors()]
         raise ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines)) from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+# What yaml.safe_load raises besides YAMLError: ValueError (an int of more than 4,300 digits, a date that does not
+# exist such as 2001-02-30, `!!float nope`, `!!int x`), KeyError (`!!bool x`), RecursionError (nesting deeper than
+# Python's recursion limit), OverflowError
+_YAML_ERRORS = (yaml.YAMLError, ValueError, LookupError, RecursionError, OverflowError, TypeError)
+
+
+def _yaml_problem(exc: BaseException) -> str:
     """A YAML error on one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, LookupError):
+        return f"no such value {exc}"
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
         text = exc.problem
         mark = exc.problem_mark
@@ -392,7 +418,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like dotted.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except _YAML_ERRORS as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {_yaml_problem(exc)}") from None
     return key.split("."), value
 
@@ -425,8 +451,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except _YAML_ERRORS as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is None:
             loaded = {}

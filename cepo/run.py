@@ -7,7 +7,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +81,12 @@ def _previous_evaluations(run_dir: Path, upto: int) -> dict[int, dict[str, dict[
 
 
 @contextlib.contextmanager
-def _stop_on_signals(trainer: Trainer, console: Console) -> Iterator[None]:
+def _stop_on_signals(trainer: Trainer, console: Console) -> Iterator[Callable[[], None]]:
     """SIGINT / SIGTERM: finish the current step, checkpoint, record the run as interrupted; a second signal
-    interrupts at once."""
+    interrupts at once. Yields ``arm``, which (re)installs the handlers: call it again after Ray has started,
+    since Ray's core worker installs its own SIGTERM handler (which aborts the process)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def handler(signum: int, _frame: Any) -> None:
@@ -94,9 +95,15 @@ def _stop_on_signals(trainer: Trainer, console: Console) -> Iterator[None]:
         console.print(f"{signal.Signals(signum).name}: stopping after the current step (again: at once)")
         trainer.request_stop()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def arm() -> None:
+        for sig in previous:
+            signal.signal(sig, handler)
+
+    arm()
     try:
-        yield
+        yield arm
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -135,10 +142,11 @@ def train(
 
     error: BaseException | None = None
     try:
-        with _stop_on_signals(trainer, console):
+        with _stop_on_signals(trainer, console) as arm:
             with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
                 started = time.perf_counter()
                 trainer.start(resume=resume, overwrite=overwrite)
+            arm()
             console.print(f"services up in {time.perf_counter() - started:.1f}s → {run_dir}")
             if resume:
                 evaluated.update(_previous_evaluations(run_dir, trainer.step_index))

@@ -4,11 +4,13 @@ DataError), never another exception, a crash or a hang, and a loader writes noth
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import io
 import json
 import string
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -96,8 +98,8 @@ _value_texts = st.one_of(
             "&a [*a]",
             "*undefined",
             "1" * 5000,  # beyond Python's int-from-string digit limit
-            "[" * 2000 + "]" * 2000,  # nesting beyond the recursion limit
-            "{" * 2000,
+            "[" * 400 + "]" * 400,  # nesting beyond the recursion limit
+            "{" * 400,
             "- a\n- b",
             "a: b: c",
             "\t",
@@ -106,6 +108,11 @@ _value_texts = st.one_of(
             "-.inf",
             "0x1F",
             "!!float nope",
+            "2001-02-30",
+            "!!bool maybe",
+            "!!int 0x",
+            "!!binary a",
+            "!!set [a]",
             "%YAML 1.1\n---\n1",
         ]
     ),
@@ -115,6 +122,13 @@ _overrides = st.one_of(
     st.tuples(_keys, _value_texts).map(lambda kv: f"{kv[0]}={kv[1]}"),
     st.text(max_size=40),
 )
+
+
+_BOMB = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    + ["name: *a8"]
+)  # a few hundred bytes of YAML whose full repr is gigabytes
 
 
 def _config_document() -> st.SearchStrategy[str]:
@@ -140,7 +154,10 @@ def _config_document() -> st.SearchStrategy[str]:
         return text
 
     return st.one_of(
-        dumped, mutated(), st.text(max_size=200), st.sampled_from(["", "---", "[" * 3000, "a: " + "9" * 5000])
+        dumped,
+        mutated(),
+        st.text(max_size=200),
+        st.sampled_from(["", "---", "[" * 400, "a: " + "9" * 5000, _BOMB]),
     )
 
 
@@ -328,6 +345,31 @@ _columns = {
     "json": st.lists(
         st.one_of(st.none(), _values.map(lambda v: json.dumps(v, allow_nan=True))), min_size=1, max_size=5
     ),
+    "decimal": st.lists(
+        st.one_of(st.none(), st.decimals(min_value=-(10**6), max_value=10**6, places=3)),
+        min_size=1,
+        max_size=5,
+    ),
+    "date": st.lists(st.one_of(st.none(), st.dates()), min_size=1, max_size=5),
+    "timestamp": st.lists(
+        st.one_of(st.none(), st.datetimes(timezones=st.just(datetime.UTC))), min_size=1, max_size=5
+    ),
+    "map": st.lists(
+        st.one_of(st.none(), st.lists(st.tuples(st.text(max_size=5), st.text(max_size=5)), max_size=3)),
+        min_size=1,
+        max_size=5,
+    ),
+    "large": st.lists(st.one_of(st.none(), st.text(max_size=20)), min_size=1, max_size=5),
+    "dictionary": st.lists(
+        st.one_of(st.none(), st.sampled_from(["a", "<image>", " "])), min_size=1, max_size=5
+    ),
+    "nested": st.lists(
+        st.one_of(
+            st.none(), st.lists(st.one_of(st.none(), st.fixed_dictionaries({"path": st.text(max_size=5)})))
+        ),
+        min_size=1,
+        max_size=5,
+    ),
 }
 _STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _ARROW_TYPES = {
@@ -339,6 +381,13 @@ _ARROW_TYPES = {
     "list": pa.list_(pa.string()),
     "struct": _STRUCT,
     "json": pa.string(),
+    "decimal": pa.decimal128(12, 3),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("s", tz="UTC"),
+    "map": pa.map_(pa.string(), pa.string()),
+    "large": pa.large_string(),
+    "dictionary": pa.dictionary(pa.int32(), pa.string()),
+    "nested": pa.list_(pa.struct([("path", pa.string())])),
 }
 
 
@@ -349,7 +398,7 @@ def _parquet_bytes(draw: st.DrawFn) -> bytes:
         return draw(
             st.one_of(st.binary(max_size=200), st.just(b"PAR1"), st.just(b"PAR1" + b"\x00" * 16 + b"PAR1"))
         )
-    n_rows = draw(st.integers(1, 5))
+    n_rows = draw(st.integers(0, 5))
     names = draw(
         st.lists(st.sampled_from([*FIELDS, "question", "other"]), min_size=1, max_size=5, unique=True)
     )
@@ -396,23 +445,59 @@ def test_column_mapping_fuzz(columns: dict, row: Any) -> None:
         assert len(result.problems) == 1
 
 
-def test_fuzz_found_cases() -> None:
-    """The inputs that escaped as other exceptions before they were fixed (kept as plain regression checks)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        cases = {
-            "huge-int.jsonl": b'{"problem": "x", "answer": ' + b"9" * 5000 + b"}\n",
-            "deep.jsonl": b"[" * 100_000 + b"\n",
-            "tilde.jsonl": _json_line(
-                {"problem": "<image> x", "answer": "1", "images": ["~nouser-cepo/x.png"]}
-            ),
-            "long-path.jsonl": _json_line({"problem": "<image> x", "answer": "1", "images": ["a" * 5000]}),
-        }
-        for name, blob in cases.items():
-            path = folder / name
-            path.write_bytes(blob)
-            with pytest.raises(DataError, match=r"line 1"):
-                load_problems("jsonl", path)
-    for text in ("x=" + "1" * 5000, "x=" + "[" * 2000, "name=" + "{" * 2000 + "}" * 2000):
-        with pytest.raises(ConfigError):
-            parse_override(text)
+# The inputs that escaped as other exceptions (or took unbounded time) before they were fixed, as plain checks
+_FOUND_DATA = {
+    "huge-int": b'{"problem": "x", "answer": '
+    + b"9" * 5000
+    + b"}",  # ValueError from json (4,300-digit limit)
+    "deep": b"[" * 100_000,  # RecursionError from json
+    "surrogate": b'{"problem": "\\ud800", "answer": "1"}',  # pydantic ValidationError from Problem
+    "tilde-user": _json_line(
+        {"problem": "<image> x", "answer": "1", "images": ["~nouser-cepo/x.png"]}
+    ),  # RuntimeError
+    "long-path": _json_line(
+        {"problem": "<image> x", "answer": "1", "images": ["a" * 5000]}
+    ),  # OSError: read error
+    "metadata-huge-int": _json_line({"problem": "x", "answer": "1", "metadata": "9" * 5000}),  # ValueError
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FOUND_DATA))
+def test_found_data_rows(name: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(_FOUND_DATA[name] + b"\n")
+    with pytest.raises(DataError, match=rf"^{path}: line 1"):
+        load_problems("jsonl", path)
+    path.write_bytes(_FOUND_DATA[name] + b"\n" + _json_line({"problem": "1+1?", "answer": 2}) + b"\n")
+    result = load_problems("jsonl", path, on_bad_row="skip")
+    assert [p.answer for p in result.problems] == ["2"] and [s.row for s in result.skipped] == [1]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "x=" + "1" * 5000,
+        "x=" + "[" * 1000,
+        "name=!!float nope",
+        "name=!!timestamp 2001-99-99",
+        "name=2001-02-30",
+        "name=!!bool x",
+        "name=!!int x",
+    ],
+)
+def test_found_overrides(override: str) -> None:
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        parse_override(override)
+
+
+def test_found_config_files(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_BOMB)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"name: Input should be a valid string \(got \[\[\[") as caught:
+        load_config(bomb)
+    assert time.monotonic() - started < 5 and len(str(caught.value)) < 20_000
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 1000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)

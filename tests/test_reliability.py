@@ -51,7 +51,7 @@ def overrides(model_dir: Path, *extra: str) -> list[str]:
         "rollout.group_size=4",
         "data.size=200",
         "data.eval_suites=[]",
-        "resources.num_cpus=4",
+        "resources.num_cpus=8",  # the first trainer sizes the module's Ray: room for every test's services
         "algorithm.steps=4",
         *extra,
     ]

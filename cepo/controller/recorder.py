@@ -95,11 +95,12 @@ class StepRecorder:
         self._ledger_open = False  # a ledger record was started and not yet finished
         self.metrics_path = run_dir / "metrics.jsonl"
 
-    def open(self, *, resume: bool = False, overwrite: bool = False) -> None:
+    def open(self, *, resume_step: int | None = None, overwrite: bool = False) -> None:
         """Reach the ledger first (a configured but unreachable Redis is an error before any service starts),
         then write the resolved config and start the ledger record. A folder that holds another run is refused
-        unless the run is resumed there or ``overwrite`` (which removes that run's records first)."""
-        cfg = self.cfg
+        unless the run is resumed there (``resume_step``: the step of the checkpoint it continues from) or
+        ``overwrite`` (which removes that run's records first)."""
+        cfg, resume = self.cfg, resume_step is not None
         taken = [name for name in RUN_FILES if (self.run_dir / name).exists()]
         if taken and not resume and not overwrite:
             raise RunFolderError(
@@ -107,9 +108,10 @@ class StepRecorder:
                 "choose another folder, or pass --overwrite to replace it"
             )
         if cfg.logging.redis_url:
-            from cepo.ledger import RunLedger
+            from cepo.ledger import BufferedLedger, RunLedger
 
-            self.ledger = RunLedger(cfg.logging.redis_url)
+            # reachable now or an error now; later outages are queued (and spooled in the run folder)
+            self.ledger = BufferedLedger(RunLedger(cfg.logging.redis_url), self.run_dir, log=self.log)
         if taken and overwrite and not resume:
             for name in (
                 *RUN_FILES,
@@ -121,18 +123,20 @@ class StepRecorder:
             ):
                 target = self.run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        if resume:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if not resume:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         if self.ledger is not None:
-            self.ledger.start_run(
-                self.run_id,
-                name=cfg.name,
-                method=cfg.algorithm.method,
-                config=cfg.model_dump(mode="json"),
-                run_dir=str(self.run_dir.resolve()),
-            )
+            record = {
+                "name": cfg.name,
+                "method": cfg.algorithm.method,
+                "config": cfg.model_dump(mode="json"),
+                "run_dir": str(self.run_dir.resolve()),
+            }
+            if resume_step is None:
+                self.ledger.start_run(self.run_id, **record)
+            else:
+                self.ledger.resume_run(self.run_id, step=resume_step, **record)
             self._ledger_open = True
 
     def rewind(self, step: int) -> None:
@@ -273,5 +277,7 @@ class StepRecorder:
             self.ledger.finish(
                 self.run_id, status, None if error is None else f"{type(error).__name__}: {error}"
             )
+            if not self.ledger.flush(timeout_s=10):
+                self.log(f"ledger: {self.ledger.pending} writes still queued in {self.ledger.spool_path}")
         except Exception as exc:  # the run folder still holds everything
             self.log(f"ledger: could not record the end of the run: {exc}")

@@ -33,7 +33,7 @@ from cepo.algorithm.feedback import negative_text, positive_texts
 from cepo.algorithm.methods import get_method
 from cepo.algorithm.negatives import select_negative_answers
 from cepo.algorithm.schedules import lambda_at
-from cepo.config import RunConfig
+from cepo.config import RunConfig, check_model_path
 from cepo.controller.cluster import eval_modes, train_sampling
 from cepo.controller.pools import ServicePools
 from cepo.controller.recorder import StepRecorder
@@ -98,10 +98,12 @@ class Trainer:
         from cepo.data import DataCursor, from_config
 
         cfg = self.cfg
+        check_model_path(cfg.model.path)  # a missing model is one clear error now, not a Hub lookup later
         checkpoint = load_checkpoint(self.run_dir) if resume else None  # a damaged one fails before anything
         if checkpoint is not None:
             self.run_id = self.recorder.run_id = checkpoint.state.get("run_id", self.run_id)
-        self.recorder.open(resume=resume, overwrite=overwrite)
+        resume_step = None if checkpoint is None else checkpoint.state["step"]
+        self.recorder.open(resume_step=resume_step, overwrite=overwrite)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
         loaded = from_config(cfg.data)
         for skipped in loaded.skipped:

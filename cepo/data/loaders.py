@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from cepo.errors import DataError
 from cepo_proto.messages import Problem
 
@@ -155,12 +157,15 @@ def _data_uri(data: bytes, index: int) -> str:
 def _existing_path(raw: str, base_dir: Path | None, *, relative: bool = True) -> str | None:
     """``raw`` as an absolute path to an existing file; a relative path is taken relative to ``base_dir`` (the
     data file's folder; the working directory when None), or not at all when ``relative`` is False."""
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        if not relative:
-            return None
-        path = (base_dir or Path.cwd()) / path
-    return str(path.resolve()) if path.is_file() else None
+    try:
+        path = Path(raw).expanduser()  # RuntimeError for ~user of an unknown user
+        if not path.is_absolute():
+            if not relative:
+                return None
+            path = (base_dir or Path.cwd()) / path
+        return str(path.resolve()) if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL byte, an unknown ~user
+        return None
 
 
 def _image_to_str(value: Any, index: int, base_dir: Path | None) -> str:
@@ -228,7 +233,18 @@ def _text(name: str, value: Any, column: str | None, *, numbers: bool = False) -
         raise _BadRow(name, f"expected {kinds}, got {type(value).__name__}{note}")
     if not value.strip():
         raise _BadRow(name, f"is empty{note}")
+    _check_unicode(name, value, note)
     return value
+
+
+def _check_unicode(name: str, value: str, note: str = "") -> None:
+    """JSON escapes can spell an unpaired surrogate (``"\\ud800"``), which is no text and cannot be encoded."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _BadRow(
+            name, f"not valid Unicode text (unpaired surrogate at character {exc.start}){note}"
+        ) from None
 
 
 class _Rows:
@@ -327,14 +343,28 @@ class _Rows:
                     value = json.loads(value)
                 except json.JSONDecodeError as exc:
                     raise _BadRow("metadata", f"a string that is not JSON ({exc.msg})") from None
+                except (ValueError, RecursionError) as exc:  # a 4,300-digit integer, deep nesting
+                    reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                    raise _BadRow("metadata", f"a string that is not usable JSON ({reason})") from None
             if not isinstance(value, Mapping):
                 raise _BadRow("metadata", f"expected an object, got {type(value).__name__}")
             try:
                 metadata["extra"] = json.loads(json.dumps(dict(value)))
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise _BadRow("metadata", f"not JSON-serialisable ({exc})") from None
 
-        return Problem(id=problem_id, problem=text, answer=answer, images=images, metadata=metadata)
+        for i, image in enumerate(images):
+            _check_unicode("images", image, f" (image {i})")
+        try:  # the row's own metadata (not the file name, which may hold surrogate escapes of raw bytes)
+            json.dumps(metadata.get("extra"), ensure_ascii=False, allow_nan=True).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _BadRow("metadata", f"not valid Unicode text (unpaired surrogate: {exc.reason})") from None
+        try:
+            return Problem(id=problem_id, problem=text, answer=answer, images=images, metadata=metadata)
+        except ValidationError as exc:  # a backstop: every check above should have caught it first
+            first = exc.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            raise _BadRow(field, first["msg"]) from None
 
     def result(self) -> LoadResult:
         if self.rows == 0:
@@ -384,9 +414,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | _BadRow]]:
                 yield number, _BadRow(None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
                 continue
             try:
-                yield number, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield number, _BadRow(None, f"not valid JSON ({exc.msg} at column {exc.colno})")
+            except ValueError as exc:  # an integer of more than 4,300 digits
+                yield number, _BadRow(None, f"not usable JSON ({exc})")
+            except RecursionError:
+                yield number, _BadRow(None, "not usable JSON (nested too deeply)")
+            else:
+                yield number, value
 
 
 def _feed(rows: _Rows, items: Iterable[tuple[int, Any]]) -> LoadResult:

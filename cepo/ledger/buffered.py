@@ -51,7 +51,7 @@ __all__ = ["REJECTED_NAME", "SPOOL_NAME", "BufferedLedger"]
 
 SPOOL_NAME = "ledger_spool.jsonl"
 REJECTED_NAME = "ledger_rejected.jsonl"
-_OPS = ("start_run", "record_step", "add_checkpoint", "finish")
+_OPS = ("start_run", "resume_run", "record_step", "add_checkpoint", "finish")
 
 _log = logging.getLogger(__name__)
 
@@ -119,6 +119,13 @@ class BufferedLedger:
             {"name": name, "method": method, "config": config, "run_dir": str(run_dir)},
         )
 
+    def resume_run(
+        self, run_id: str, *, step: int, name: str, method: str, config: dict, run_dir: str
+    ) -> None:
+        """:meth:`RunLedger.resume_run`, queued while Redis is unreachable."""
+        args = {"step": int(step), "name": name, "method": method, "config": config, "run_dir": str(run_dir)}
+        self._submit("resume_run", run_id, args)
+
     def record_step(self, run_id: str, report: dict, samples: list[dict]) -> None:
         """:meth:`RunLedger.record_step`, queued while Redis is unreachable; a bad report raises at once."""
         encode_step(run_id, report, samples)  # LedgerError now, whether or not Redis is reachable
@@ -139,9 +146,10 @@ class BufferedLedger:
         self._submit("finish", run_id, {"status": status, "error": None if error is None else str(error)})
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Replay the queued writes, trying Redis again (every ``retry_interval_s``, at least every 0.5 s) until
-        all are stored or ``timeout_s`` has passed (always at least one attempt). True when nothing is left;
-        otherwise the rest stays queued and in the spool file, for a later write, flush or process."""
+        """Replay the queued writes, trying Redis again every ``retry_interval_s`` (clamped to 0.5–2 s) until all
+        are stored or ``timeout_s`` has passed (always at least one attempt, whatever the retry interval). True
+        when nothing is left; otherwise the rest stays queued and in the spool file, for a later write, flush or
+        process."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:
             with self._lock:
@@ -199,6 +207,8 @@ class BufferedLedger:
         op, run_id, args, at = entry["op"], entry["run_id"], entry["args"], entry.get("at")
         if op == "start_run":
             self.ledger.start_run(run_id, at=at, **args)
+        elif op == "resume_run":
+            self.ledger.resume_run(run_id, at=at, **args)
         elif op == "record_step":
             self.ledger.record_step(run_id, args["report"], args["samples"], at=at)
         elif op == "add_checkpoint":

@@ -277,6 +277,52 @@ class RunLedger:
         except redis.RedisError as exc:
             raise LedgerError(f"{CONFIG_KEY} {mask_url(self.url)}: start_run failed ({_cause(exc)})") from exc
 
+    def resume_run(
+        self,
+        run_id: str,
+        *,
+        step: int,
+        name: str,
+        method: str,
+        config: dict,
+        run_dir: str,
+        at: float | None = None,
+    ) -> None:
+        """A run resumed from its checkpoint of ``step``: status ``running`` again, and the steps and checkpoints
+        recorded after that checkpoint (which the resumed run redoes) dropped. A run the ledger never saw (it
+        was started without Redis) is created."""
+        if not self._call("EXISTS", self._r.exists, self.run_key(run_id)):
+            self.start_run(run_id, name=name, method=method, config=config, run_dir=run_dir, at=at)
+            return
+        now = repr(_now() if at is None else float(at))
+        later = [
+            entry_id
+            for entry_id, fields in self._call("XRANGE", self._r.xrange, self.steps_key(run_id))
+            if json.loads(fields.get("report", "{}")).get("step", -1) >= step
+        ]
+        kept = [
+            raw
+            for raw in self._call("LRANGE", self._r.lrange, self.checkpoints_key(run_id), 0, -1)
+            if json.loads(raw).get("step", 0) <= step
+        ]
+        pipe = self._r.pipeline(transaction=True)
+        if later:
+            pipe.xdel(self.steps_key(run_id), *later)
+        pipe.delete(self.checkpoints_key(run_id))
+        if kept:
+            pipe.rpush(self.checkpoints_key(run_id), *kept)
+        pipe.hset(
+            self.run_key(run_id),
+            mapping={
+                "status": "running",
+                "step": int(step),
+                "finished_at": "",
+                "error": "",
+                "updated_at": now,
+            },
+        )
+        self._call("resume_run", pipe.execute)
+
     def record_step(self, run_id: str, report: dict, samples: list[dict], *, at: float | None = None) -> None:
         """One finished step: update the run hash and append ``{report, samples}`` to its stream, atomically.
         Everything is serialised before anything is sent, so a bad report changes nothing."""
