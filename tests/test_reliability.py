@@ -232,3 +232,33 @@ def test_sigterm_checkpoints_records_interrupted_leaves_no_process_and_resume_fi
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [m["step"] for m in metrics(run_dir)] == list(range(6))
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+
+
+def test_a_redis_outage_of_two_steps_loses_nothing(tiny_model_dir, tmp_path):
+    """Redis stopped after step 1 and started again after step 3 of a 4-step run: the run never notices, and the
+    ledger then holds every step, every checkpoint and the final status."""
+    from servers import RestartableRedis
+
+    from cepo.ledger import RunLedger
+
+    with RestartableRedis(tmp_path / "redis") as server:
+        cfg = config(tiny_model_dir, f"logging.redis_url={server.url}", "logging.checkpoint_every=2")
+        trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
+        try:
+            trainer.start()
+            trainer.step()
+            server.stop()
+            trainer.step()
+            trainer.step()  # checkpoint of step 2 and steps 2–3 queue
+            assert trainer.recorder.ledger.pending >= 3
+            server.start()
+            trainer.train(1)
+        finally:
+            trainer.close()
+        with RunLedger(server.url) as ledger:
+            record = ledger.get_run(trainer.run_id)
+            steps = ledger.steps(trainer.run_id)
+    assert record["status"] == "finished" and record["step"] == 4
+    assert [s["report"]["step"] for s in steps] == [0, 1, 2, 3]
+    assert [c["step"] for c in record["checkpoints"]] == [2, 4]
+    assert not (tmp_path / "run" / "ledger_spool.jsonl").exists()
