@@ -184,6 +184,8 @@ def train(
     cfg = _load(config, set_)
     if resume is None:
         folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
+    from cepo.controller import RunInterrupted
+
     try:
         run_train(
             cfg,
@@ -193,6 +195,9 @@ def train(
             resume=resume is not None,
             overwrite=overwrite,
         )
+    except RunInterrupted as exc:
+        console.print(f"interrupted: {exc}", markup=False, highlight=False)
+        raise typer.Exit(130) from None
     finally:
         if cfg.resources.ray_address is None:
             ray.shutdown()  # the local Ray this command started: no raylet or worker outlives it
