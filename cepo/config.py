@@ -246,6 +246,18 @@ class ResourcesConfig(_Section):
         gt=0.0,
         description="Longest wait for any service call; a dead engine fails the step, never hangs it.",
     )
+    probe_every: int = Field(
+        10,
+        ge=0,
+        description="Steps between adapter probes: every rollout/teacher replica scores a fixed sequence and must "
+        "reproduce the learner's log-probs within probe_atol, else it reloads (and is replaced). 0: off.",
+    )
+    probe_atol: float = Field(
+        1e-3,
+        gt=0.0,
+        description="Largest |log-prob| difference a probe accepts (float32 engines agree to ~2e-4; raise it "
+        "for bfloat16, where they differ by ~0.02).",
+    )
 
 
 class LoggingConfig(_Section):

@@ -18,6 +18,8 @@ __all__ = [
     "GenerateRequest",
     "GradeRequest",
     "GradeResult",
+    "ProbeRequest",
+    "ProbeResult",
     "Rollout",
     "RolloutResult",
     "SamplingSpec",
@@ -134,6 +136,19 @@ class TeacherScores(_Message):
     scored_tokens: int
 
 
+class ProbeRequest(_Message):
+    """Score fixed sequences with the adapter a replica serves: does it reproduce the learner's log-probs?"""
+
+    sequences: list[tuple[list[int], int]] = Field(min_length=1, description="(token ids, response start).")
+    temperature: float = Field(gt=0.0)
+
+
+class ProbeResult(_Message):
+    replica: str
+    version: int | None = Field(description="The adapter version the replica says it serves.")
+    logprobs: list[np.ndarray]
+
+
 class StepReport(BaseModel):
     """One line of metrics.jsonl: what happened in a training step.
 
@@ -171,6 +186,7 @@ class StepReport(BaseModel):
     adapter_checksum: str = ""
     # a non-finite advantage, loss or gradient norm: no update, the version unchanged
     update_skipped: bool = False
+    probe_failures: int = 0  # replicas whose scores did not reproduce the learner's on the probe (reloaded)
     replica_restarts: dict[str, int] = Field(
         default_factory=dict, description="Replicas replaced during the step, by role (died or timed out)."
     )

@@ -262,3 +262,28 @@ def test_a_redis_outage_of_two_steps_loses_nothing(tiny_model_dir, tmp_path):
     assert [s["report"]["step"] for s in steps] == [0, 1, 2, 3]
     assert [c["step"] for c in record["checkpoints"]] == [2, 4]
     assert not (tmp_path / "run" / "ledger_spool.jsonl").exists()
+
+
+def test_a_replica_serving_other_weights_under_the_right_version_is_caught_by_the_probe(
+    tiny_model_dir, tmp_path
+):
+    """The checksum proves the bytes arrived; the probe proves they are in use. rollout-0 is made to serve the
+    initial weights while claiming the current version: the next step's probe catches it and reloads it."""
+    import ray
+
+    cfg = config(tiny_model_dir, "rollout.replicas=2", "resources.probe_every=1")
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
+    try:
+        trainer.start()
+        initial = trainer.payload
+        first = trainer.step()
+        assert first.probe_failures == 0  # every replica reproduces the learner at version 0
+        stale = type(initial)(version=trainer.version, files=initial.files, checksum=initial.checksum)
+        victim = trainer.pools.rollout["rollout-0"]
+        ray.get(victim.load_adapter.remote(stale), timeout=60)  # behind the controller's back
+        second = trainer.step()
+        served = ray.get(victim.serving.remote(), timeout=60)
+    finally:
+        trainer.close()
+    assert second.probe_failures == 1 and second.replica_restarts == {}  # the reload fixed it
+    assert served == (trainer.version, trainer.checksum)

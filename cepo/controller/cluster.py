@@ -8,9 +8,18 @@ from typing import Any
 import numpy as np
 
 from cepo.config import RunConfig
+from cepo_proto.learner import DistillSpec, UpdateSettings
 from cepo_proto.pipeline import SamplingSpec
 
-__all__ = ["engine_options", "eval_modes", "policy_options", "start_ray", "train_sampling"]
+__all__ = [
+    "distill_spec",
+    "engine_options",
+    "eval_modes",
+    "policy_options",
+    "start_ray",
+    "train_sampling",
+    "update_settings",
+]
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -68,6 +77,30 @@ def policy_options(cfg: RunConfig) -> dict[str, Any]:
         "temperature": cfg.rollout.temperature,
         "seed": cfg.seed,
     }
+
+
+def update_settings(cfg: RunConfig) -> UpdateSettings:
+    """The learner's PPO-clip settings (``learner`` section)."""
+    lc = cfg.learner
+    return UpdateSettings(
+        micro_batch_size=lc.micro_batch_size,
+        clip_low=lc.clip_low,
+        clip_high=lc.clip_high,
+        loss_agg=lc.loss_agg,
+    )
+
+
+def distill_spec(cfg: RunConfig, kind: str) -> DistillSpec:
+    """The learner loss ``kind`` (a method's ``learner_loss``) with the ``algorithm`` section's settings."""
+    alg = cfg.algorithm
+    return DistillSpec(
+        kind,
+        weight=alg.distill_weight,
+        alpha=alg.sdpo_alpha,
+        top_k=alg.sdpo_top_k,
+        ema_decay=alg.ema_decay,
+        with_pg=alg.distill_with_pg,
+    )
 
 
 def train_sampling(cfg: RunConfig, step: int) -> SamplingSpec:

@@ -25,6 +25,7 @@ from cepo_proto import AdapterAck, AdapterPayload, Verdict
 from cepo_proto.pipeline import (
     GenerateRequest,
     GradeRequest,
+    ProbeRequest,
     Rollout,
     SamplingSpec,
     TeacherItem,
@@ -227,6 +228,46 @@ class ServicePools:
                 self._replace(role, name)  # confirms (version, checksum) itself
                 acks.append(AdapterAck(replica=name, version=payload.version, checksum=payload.checksum))
         check_acks(acks, payload.version, payload.checksum, list(calls))
+
+    def probe(
+        self,
+        sequences: list[tuple[list[int], int]],
+        expected: list[np.ndarray],
+        *,
+        temperature: float,
+        atol: float,
+    ) -> list[str]:
+        """Have every rollout and teacher replica that serves the actor's adapter score ``sequences``; one whose
+        log-probs differ from ``expected`` (the learner's) by more than ``atol`` reloads its adapter and is probed
+        again, and is replaced if it still differs. Returns the names that failed the first probe."""
+        import ray
+
+        request = ProbeRequest(sequences=sequences, temperature=temperature)
+        actor, teacher = self.serving["rollout"], self.serving["teacher"]
+        same = teacher is not None and actor is not None and teacher.version == actor.version
+        targets = {name: role for role in ("rollout", "teacher")[: 1 + same] for name in self.pools[role]}
+
+        def off(names: list[str]) -> list[str]:
+            results = self._call([self.pools[targets[n]][n].probe.remote(request) for n in names])
+            bad = []
+            for name, result in zip(names, results, strict=True):
+                pairs = zip(result.logprobs, expected, strict=True)
+                worst = max(float(np.abs(got - want[: len(got)]).max()) for got, want in pairs)
+                if not worst <= atol:  # NaN counts as off
+                    bad.append(name)
+            return bad
+
+        failed = off(list(targets))
+        for name in failed:  # reload the same payload (the engine gives it a fresh LoRA id)
+            payload = self.serving[targets[name]]
+            ack = ray.get(
+                self.pools[targets[name]][name].load_adapter.remote(payload),
+                timeout=self.cfg.resources.call_timeout_s,
+            )
+            check_acks([ack], payload.version, payload.checksum, [name])
+        for name in off(failed) if failed else []:
+            self._replace(targets[name], name)
+        return failed
 
     def generate(
         self, prompt_ids: list[list[int]], sampling: SamplingSpec, version: int

