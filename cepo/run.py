@@ -90,7 +90,7 @@ def _stop_on_signals(trainer: Trainer, console: Console) -> Iterator[Callable[[]
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        if trainer._stop.is_set():
+        if trainer.stop_requested:
             raise KeyboardInterrupt
         console.print(f"{signal.Signals(signum).name}: stopping after the current step (again: at once)")
         trainer.request_stop()

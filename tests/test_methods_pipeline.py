@@ -66,6 +66,7 @@ def test_method_trains_two_steps(tiny_model_dir, tmp_path, method):
     finally:
         trainer.close()
     assert [(r.policy_version, r.adapter_version) for r in reports] == [(0, 1), (1, 2)]
+    assert all(r.probe_failures == 0 and not r.replica_restarts for r in reports)  # step 0 was probed
     assert _lora_b_changed(before, after)
     assert all(r.method == method for r in reports)
     teacher_s = sum(r.stage_seconds["teacher"] for r in reports)

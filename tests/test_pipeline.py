@@ -55,6 +55,8 @@ def test_two_steps_sync_every_replica(trainer):
     assert any(not torch.equal(before[k], after[k]) for k in before), "the adapter did not change"
     # each step's rollouts came from the version before its update; the update produced the next one
     assert [(r.policy_version, r.adapter_version) for r in reports] == [(0, 1), (1, 2)]
+    # step 0 was probed (resources.probe_every): every vLLM replica reproduced the learner's log-probs
+    assert [(r.probe_failures, r.replica_restarts) for r in reports] == [(0, {}), (0, {})]
     assert [r.adapter_checksum for r in reports][-1] == trainer.checksum
 
     # every rollout and teacher replica serves version 2 with the learner's checksum

@@ -194,6 +194,7 @@ def test_sigterm_checkpoints_records_interrupted_leaves_no_process_and_resume_fi
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CEPO_ERROR_LOG": str(tmp_path / "error.log")}
     command = [sys.executable, "-m", "cepo.cli", "train", "-c", str(REPO / "configs" / "tiny.yaml")]
     sets = [arg for o in overrides(tiny_model_dir, "algorithm.steps=6") for arg in ("--set", o)]
+    shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(
         [*command, *sets, "--run-dir", str(run_dir)],
         env=env,
@@ -221,6 +222,7 @@ def test_sigterm_checkpoints_records_interrupted_leaves_no_process_and_resume_fi
     ) and (time.monotonic() < deadline):
         time.sleep(1)
     assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive if psutil.pid_exists(p)]
+    assert set(os.listdir("/dev/shm")) <= shm_before  # no shared-memory segment left behind
 
     resumed = subprocess.run(
         [sys.executable, "-m", "cepo.cli", "train", "--resume", str(run_dir)],

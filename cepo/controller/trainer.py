@@ -357,6 +357,10 @@ class Trainer:
         return report
 
     # ------------------------------------------------------------------------------------------ runs
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Stop after the current step (a signal handler may call it): checkpoint, then raise RunInterrupted."""
         self._stop.set()

@@ -3,7 +3,7 @@
 An engine loads the base model once and then only swaps LoRA adapters, by version, from an
 :class:`cepo_proto.AdapterPayload` (bytes, no shared filesystem). ``load_adapter`` answers with the version and the
 checksum of the bytes it actually loaded, recomputed from its own copy, so a sync that silently did nothing
-cannot go unnoticed. Every adapter version gets a fresh vLLM LoRA id: vLLM caches adapters by id, and reusing
+cannot go unnoticed. Every load (a reload of the same version too) gets a fresh vLLM LoRA id: vLLM caches adapters by id, and reusing
 an id with changed files would keep serving the old weights.
 
 Sampled-token log-probs are those of the distribution actually sampled from (after temperature, top-k and
@@ -48,15 +48,19 @@ class Engine(ABC):
         self.version: int | None = None
         self.checksum: str | None = None
         self._adapter_root = Path(tempfile.mkdtemp(prefix="cepo-adapters-"))
+        self._loads = (
+            0  # every load gets a fresh folder, LoRA id and adapter name, even a reload of a version
+        )
 
     def _materialise(self, payload: AdapterPayload) -> tuple[Path, str]:
-        folder = payload.write_to(self._adapter_root / f"v{payload.version}")
+        self._loads += 1
+        folder = payload.write_to(self._adapter_root / f"load{self._loads:06d}-v{payload.version}")
         checksum = checksum_files({name: (folder / name).read_bytes() for name in payload.files})
         return folder, checksum
 
-    def _forget_older(self, keep: int) -> None:
-        for folder in self._adapter_root.glob("v*"):
-            if folder.name != f"v{keep}":
+    def _forget_older(self, keep: Path) -> None:
+        for folder in self._adapter_root.iterdir():
+            if folder != keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
     @abstractmethod
@@ -124,13 +128,14 @@ class VLLMEngine(Engine):
         from vllm.lora.request import LoRARequest
 
         folder, checksum = self._materialise(payload)
-        request = LoRARequest(f"policy-v{payload.version}", payload.version + 1, str(folder))
+        # a fresh id per load: vLLM caches adapters by id, so a reused id would keep serving the old weights
+        request = LoRARequest(f"policy-v{payload.version}-{self._loads}", self._loads, str(folder))
         # Load it now (one token), so a broken adapter fails the sync, not the next generation.
         self.llm.generate(
             [{"prompt_token_ids": [0]}], SamplingParams(max_tokens=1), lora_request=request, use_tqdm=False
         )
         self._lora, self.version, self.checksum = request, payload.version, checksum
-        self._forget_older(payload.version)
+        self._forget_older(folder)
         return payload.version, checksum
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
@@ -217,7 +222,7 @@ class TransformersEngine(Engine):
         from peft import PeftModel
 
         folder, checksum = self._materialise(payload)
-        name = f"v{payload.version}"
+        name = f"load{self._loads}"  # unique: a reload of the active version must not delete itself
         if self.model is self.base:
             self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
         else:
@@ -226,7 +231,7 @@ class TransformersEngine(Engine):
             self.model.set_adapter(name)
             self.model.delete_adapter(previous)
         self.version, self.checksum = payload.version, checksum
-        self._forget_older(payload.version)
+        self._forget_older(folder)
         return payload.version, checksum
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
