@@ -16,6 +16,7 @@ fractions, Figure 4). Every figure comes from the same :func:`_figure` / :func:`
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,8 @@ def _note(ax, text: str) -> None:
 
 
 def _col(metrics: Sequence[dict[str, Any]], key: str) -> list[float]:
-    return [float(r.get(key, 0.0)) for r in metrics]
+    """One metric per step; null (a skipped update's NaN stats, as JSON writes them) is a gap in the line."""
+    return [math.nan if r.get(key, 0.0) is None else float(r.get(key, 0.0)) for r in metrics]
 
 
 def _decorate(ax, ylabel: str, title: str, legend_loc: str) -> None:

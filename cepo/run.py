@@ -17,6 +17,7 @@ from cepo.algorithm.methods import get_method
 from cepo.config import RunConfig
 from cepo.controller import Trainer
 from cepo.evaluate import eval_problems
+from cepo.plots import eval_by_step, load_eval, load_metrics
 from cepo.stats import median_stages
 from cepo_proto import Problem
 from cepo_proto.pipeline import StepReport
@@ -66,18 +67,10 @@ def _averaged(results: dict[str, dict[str, float]], key: str) -> dict[str, float
 
 def _previous_evaluations(run_dir: Path, upto: int) -> dict[int, dict[str, dict[str, float]]]:
     """A resumed run's eval.jsonl, cut after step ``upto`` (later lines came from steps that are redone)."""
-    path = run_dir / "eval.jsonl"
-    if not path.is_file():
-        return {}
-    kept, found = [], {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if row["step"] <= upto:
-            kept.append(line)
-            result = {k: v for k, v in row.items() if k not in ("step", "policy_version", "suite")}
-            found.setdefault(row["step"], {})[row["suite"]] = result
-    path.write_text("".join(line + "\n" for line in kept))
-    return found
+    kept = [row for row in load_eval(run_dir) if row["step"] <= upto]
+    if kept:
+        (run_dir / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return eval_by_step(kept)
 
 
 @contextlib.contextmanager
@@ -162,7 +155,7 @@ def train(
         raise
     finally:
         trainer.close(error)
-    reports = _all_reports(run_dir)
+    reports = load_metrics(run_dir)  # every step of the run, a resumed run's earlier ones too
     summary = {
         "run_dir": str(run_dir),
         "run_id": trainer.run_id,
@@ -175,7 +168,7 @@ def train(
         "trained": _averaged(trained, "sampled"),
         "base_greedy": _averaged(base, "greedy"),
         "trained_greedy": _averaged(trained, "greedy"),
-        "timing": median_stages([StepReport.model_validate(r) for r in reports]) if reports else {},
+        "timing": median_stages(reports) if reports else {},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if suites:
@@ -186,14 +179,6 @@ def train(
             greedy = f"  [{bg:.3f} → {tg:.3f}]" if bg is not None else ""
             console.print(f"  {name:<16} base {b:.3f}  →  trained {t:.3f}{greedy}", highlight=False)
     return summary
-
-
-def _all_reports(run_dir: Path) -> list[dict[str, Any]]:
-    """Every step of the run (a resumed run's earlier steps too), from metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    )
 
 
 def bench(cfg: RunConfig, run_root: Path, *, steps: int, console: Console | None = None) -> dict[str, Any]:
@@ -207,7 +192,7 @@ def bench(cfg: RunConfig, run_root: Path, *, steps: int, console: Console | None
         )
         try:
             trainer.start()
-            result[method] = median_stages(trainer.train(steps))
+            result[method] = median_stages([r.model_dump() for r in trainer.train(steps)])
         finally:
             trainer.close()
     result["cepo_over_grpo_step"] = result["cepo"]["step_s"] / result["grpo"]["step_s"]

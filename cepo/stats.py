@@ -3,14 +3,14 @@
 - :func:`mean_se`: mean and standard error of a sample;
 - :func:`problem_accuracy`: held-out accuracy (and its standard error over problems) from per-sample verdicts;
 - :func:`auc`: the normalised area under an accuracy-vs-step curve (AUC@H);
-- :func:`median_stages`: a run's step and stage medians (StepReports or metrics.jsonl rows as objects).
+- :func:`median_stages`: a run's step and stage medians (metrics.jsonl rows).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -70,15 +70,16 @@ def auc(points: Sequence[tuple[int, float]], horizon: int) -> float:
     return area / horizon
 
 
-def median_stages(reports: Sequence[Any], skip: int = 1) -> dict[str, Any]:
-    """Medians over steps after ``skip`` warm-up steps: step seconds, per-stage seconds and tokens/s."""
-    kept = list(reports[skip:]) or list(reports)
+def median_stages(rows: Sequence[Mapping[str, Any]], skip: int = 1) -> dict[str, Any]:
+    """Medians over steps after ``skip`` warm-up steps: step seconds, per-stage seconds and tokens/s, from
+    metrics.jsonl rows (``StepReport.model_dump()``)."""
+    kept = list(rows[skip:]) or list(rows)
 
     def median(*stages: str) -> float:
-        return statistics.median(sum(r.stage_seconds[st] for st in stages) for r in kept)
+        return statistics.median(sum(r["stage_seconds"].get(st, 0.0) for st in stages) for r in kept)
 
     return {
-        "step_s": statistics.median(r.step_seconds for r in kept),
+        "step_s": statistics.median(r["step_seconds"] for r in kept),
         "stages": {
             "gen": median("gen"),
             "verify": median("verify"),
@@ -87,5 +88,5 @@ def median_stages(reports: Sequence[Any], skip: int = 1) -> dict[str, Any]:
             "update": median("old_logp", "update"),
             "sync": median("sync"),
         },
-        "tokens_per_s": statistics.median(r.tokens_per_s for r in kept),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in kept),
     }

@@ -192,6 +192,26 @@ def test_plot_run(tmp_path, method):
     assert note == ("no teacher evidence (method grpo)" if method == "grpo" else None)
 
 
+def test_a_skipped_update_is_summarised_and_plotted(tmp_path):
+    """A skipped update's NaN loss, norm and clip fraction reach metrics.jsonl as null (JSON has no NaN): the
+    run's timing summary and its figures still work, the figures showing a gap."""
+    from cepo.stats import median_stages
+    from cepo_proto.pipeline import StepReport
+
+    run = write_run(tmp_path, "cepo", 1, steps=3)
+    rows = load_metrics(run)
+    nan = float("nan")
+    fields = {k: rows[-1][k] for k in StepReport.model_fields if k in rows[-1]}
+    fields.update(step=3, adapter_version=3, loss=nan, grad_norm=nan, ppo_clip_frac=nan, update_skipped=True)
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(StepReport(**fields).model_dump_json() + "\n")
+    skipped = load_metrics(run)[-1]
+    assert skipped["loss"] is None and skipped["update_skipped"]
+    assert median_stages(load_metrics(run))["step_s"] == 3.6
+    for path in plot_run(run):
+        assert_png(path)
+
+
 def test_plot_run_without_eval_and_cli(tmp_path):
     run = write_run(tmp_path, "rlsd", 1, steps=1, finished=False)
     run.joinpath("eval.jsonl").unlink()
