@@ -240,8 +240,6 @@ class ServicePools:
         """Have every rollout and teacher replica that serves the actor's adapter score ``sequences``; one whose
         log-probs differ from ``expected`` (the learner's) by more than ``atol`` reloads its adapter and is probed
         again, and is replaced if it still differs. Returns the names that failed the first probe."""
-        import ray
-
         request = ProbeRequest(sequences=sequences, temperature=temperature)
         actor, teacher = self.serving["rollout"], self.serving["teacher"]
         same = teacher is not None and actor is not None and teacher.version == actor.version
@@ -258,14 +256,13 @@ class ServicePools:
             return bad
 
         failed = off(list(targets))
+        if not failed:
+            return []
         for name in failed:  # reload the same payload (the engine gives it a fresh LoRA id)
             payload = self.serving[targets[name]]
-            ack = ray.get(
-                self.pools[targets[name]][name].load_adapter.remote(payload),
-                timeout=self.cfg.resources.call_timeout_s,
-            )
+            ack = self._call([self.pools[targets[name]][name].load_adapter.remote(payload)])[0]
             check_acks([ack], payload.version, payload.checksum, [name])
-        for name in off(failed) if failed else []:
+        for name in off(failed):
             self._replace(targets[name], name)
         return failed
 
