@@ -93,3 +93,19 @@ def test_no_checkpoint_is_an_error_and_an_unfinished_one_is_ignored(recorder):
     recorder.checkpoint(1, payload(1), {"step": 1}, {})
     (recorder.run_dir / "checkpoints" / "step_00002.tmp").mkdir()  # a checkpoint cut short by a crash
     assert load_checkpoint(recorder.run_dir).state["step"] == 1
+
+
+def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(tmp_path):
+    """eval.jsonl lines of steps after the checkpoint came from steps that are redone: they are dropped."""
+    from cepo.run import _previous_evaluations
+
+    rows = [
+        {"step": s, "policy_version": s, "suite": suite, "sampled": s / 10}
+        for s in (0, 5, 10)
+        for suite in "ab"
+    ]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = _previous_evaluations(tmp_path, 5)
+    assert sorted(found) == [0, 5] and found[5]["b"]["sampled"] == 0.5
+    kept = [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert kept == [0, 0, 5, 5]
