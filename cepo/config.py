@@ -185,8 +185,16 @@ class LearnerConfig(_Section):
         description="Updates in a row that may be skipped as non-finite (advantages, loss or gradient norm) "
         "before the run stops; a skipped update leaves weights, optimizer and version unchanged.",
     )
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
-    mini_batches: int = Field(1, ge=1, description="Optimizer steps per batch and epoch.")
+    ppo_epochs: int = Field(
+        1, ge=1, description="Passes over each rollout batch (the official script: 1; the paper is silent)."
+    )
+    mini_batches: int = Field(
+        2,
+        ge=1,
+        description="Optimizer steps per rollout batch and epoch; the batch is cut into this many contiguous "
+        "mini-batches. Default 2: the official script's 2 optimizer steps per rollout batch, so the PPO ratio "
+        "departs from 1 and the clip acts (1: one on-policy step, ratio 1, the clip inert).",
+    )
     clip_low: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ε_low (paper Table 6: 0.20).")
     clip_high: float = Field(0.28, gt=0.0, description="PPO ε_high (paper Table 6: 0.28).")
     loss_agg: Literal[AGG_MODES] = Field(

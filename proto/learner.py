@@ -18,6 +18,7 @@ __all__ = [
     "AGG_MODES",
     "DISTILL_KINDS",
     "DistillSpec",
+    "MiniBatch",
     "UpdateRequest",
     "UpdateResult",
     "UpdateSettings",
@@ -58,11 +59,19 @@ class DistillSpec:
 
 
 class UpdateSettings(BaseModel):
-    """The PPO-clip update's settings (``learner`` config section)."""
+    """The PPO-clip update's settings (``learner`` config section).
+
+    One update takes ``ppo_epochs × mini_batches`` optimizer steps: the rollout batch is cut into
+    ``mini_batches`` contiguous row ranges (sizes differing by at most one) and each epoch steps once per range,
+    in order. Old log-probs are the rollout policy's, so after the first step the ratio departs from 1 and the
+    clip acts. Each step's loss is normalised by its own mini-batch (token-mean over its tokens).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     micro_batch_size: int = Field(default=8, ge=1)
+    ppo_epochs: int = Field(default=1, ge=1)
+    mini_batches: int = Field(default=1, ge=1)
     clip_low: float = Field(default=0.2, ge=0.0)
     clip_high: float = Field(default=0.28, ge=0.0)
     loss_agg: str = "token-mean"
@@ -126,7 +135,23 @@ class UpdateRequest(BaseModel):
 
 
 @dataclass(frozen=True)
+class MiniBatch:
+    """One optimizer step's rows on one rank, [start, stop) of its shard, and the counts over every rank's rows
+    of that mini-batch (the loss normalisers); ``micro_batches`` is the most any rank runs for it (FSDP pads
+    the others with dummy micro-batches so that collectives match)."""
+
+    start: int
+    stop: int
+    tokens: float
+    seqs: float
+    micro_batches: int
+
+
+@dataclass(frozen=True)
 class UpdateStats:
+    """An update's statistics. ``loss``, ``grad_norm`` and ``distill_loss`` are means over its optimizer steps;
+    ``clip_frac`` and ``approx_kl`` are token-weighted over every step's tokens."""
+
     loss: float
     clip_frac: float
     approx_kl: float
@@ -134,6 +159,7 @@ class UpdateStats:
     lr: float
     distill_loss: float = 0.0  # the distillation term alone (OPSD / SDPO), already weighted
     skipped: bool = False  # a non-finite loss or gradient norm: no optimizer step, the version unchanged
+    optimizer_steps: int = 1  # optimizer steps taken (ppo_epochs × mini_batches; 0 when skipped)
 
 
 class UpdateResult(BaseModel):

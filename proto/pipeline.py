@@ -181,6 +181,10 @@ class StepReport(BaseModel):
     loss: float = 0.0
     grad_norm: float = 0.0
     ppo_clip_frac: float = 0.0
+    approx_kl: float = 0.0  # token mean of old − new log-prob over the update's steps (policy drift)
+    optimizer_steps: int = (
+        0  # optimizer steps the update took (learner.ppo_epochs × mini_batches; 0 if skipped)
+    )
     lr: float = 0.0
     distill_loss: float = 0.0
     adapter_checksum: str = ""

@@ -102,9 +102,11 @@ def test_two_ranks_equal_one_process(group, model_dir):
     assert_same_state(group.lora_state(), single.lora_state())
 
 
-def update(group, samples, advantages, old_logp, *, micro_batch_size=8, **fields) -> UpdateResult:
+def update(
+    group, samples, advantages, old_logp, *, micro_batch_size=8, settings=None, **fields
+) -> UpdateResult:
     """One learner update through its contract (an UpdateRequest)."""
-    settings = UpdateSettings(micro_batch_size=micro_batch_size)
+    settings = settings or UpdateSettings(micro_batch_size=micro_batch_size)
     request = UpdateRequest(
         samples=samples, advantages=advantages, old_logp=old_logp, settings=settings, **fields
     )
@@ -125,6 +127,29 @@ def peft_logprobs(folder, model_dir, samples) -> torch.Tensor:
             picked = logp.gather(-1, torch.tensor(response).unsqueeze(-1)).squeeze(-1)
             rows.append(F.pad(picked, (0, width - len(response))))
     return torch.stack(rows)
+
+
+def test_mini_batches_on_two_ranks_equal_one_process(group, model_dir):
+    """Two epochs over three mini-batches (six optimizer steps, ratio away from 1) sharded over two ranks give
+    the same update as one process: each step's global mini-batch is the same whatever the rank count."""
+    single = LoraPolicy(str(model_dir), **POLICY)
+    single.load_training_state(group.training_state())
+    batch = PolicyBatch.build(SAMPLES)
+    adv = (
+        torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0]).unsqueeze(1)
+        * (1 + 0.1 * torch.arange(6.0))
+        * batch.response_mask
+    )
+    old = group.old_logprobs(SAMPLES, micro_batch_size=2)
+    settings = UpdateSettings(micro_batch_size=1, mini_batches=3, ppo_epochs=2)
+    stats = update(group, SAMPLES, adv, old, settings=settings).stats
+    expected = single.update(batch, adv, single.old_logprobs(batch), settings)
+    assert stats.optimizer_steps == expected.optimizer_steps == 6
+    assert stats.approx_kl != 0
+    assert stats.loss == pytest.approx(expected.loss, rel=1e-5, abs=1e-7)
+    assert stats.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+    assert stats.clip_frac == pytest.approx(expected.clip_frac, abs=1e-6)
+    assert_same_state(group.lora_state(), single.lora_state())
 
 
 def test_export_adapter_loads_in_peft(group, model_dir, tmp_path):

@@ -259,3 +259,61 @@ def test_training_state_round_trip_is_exact(model_dir, tmp_path):
         policy.update(batch, -adv, policy.old_logprobs(batch))
     assert not _changed(_lora(first), _lora(second))
     assert first.export_adapter().checksum == second.export_adapter().checksum
+
+
+def test_mini_batches_and_epochs_make_the_clip_act(model_dir):
+    """learner.ppo_epochs × mini_batches optimizer steps per rollout batch, against the rollout's old log-probs:
+    the first step is on-policy (ratio 1, nothing clipped), later ones are not, so the clip acts."""
+    batch = PolicyBatch.build(SAMPLES)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(1) * batch.response_mask
+    one = make_policy(model_dir, lr=0.05)
+    old = one.old_logprobs(batch)
+    single = one.update(batch, adv, old, UpdateSettings(micro_batch_size=2))
+    assert single.optimizer_steps == 1 and single.clip_frac == 0.0 and single.approx_kl == 0.0
+    many = make_policy(model_dir, lr=0.05)
+    settings = UpdateSettings(micro_batch_size=2, mini_batches=2, ppo_epochs=3)
+    stats = many.update(batch, adv, old, settings)
+    assert stats.optimizer_steps == 6 and many.version == 1  # one version per update, however many steps
+    assert stats.clip_frac > 0.05 and stats.approx_kl != 0.0
+    assert int(many.optimizer.state_dict()["state"][0]["step"]) == 6
+    assert _changed(_lora(one), _lora(many))
+
+
+def test_mini_batch_plan_is_the_same_for_any_rank_count():
+    """The global mini-batches (rows, token and sequence counts) do not depend on how many ranks share them."""
+    from cepo_services.learner.policy import plan_update
+
+    lengths = [3, 5, 1, 2, 7, 4, 4]
+    for mini_batches in (1, 2, 3, 9):
+        reference = plan_update(lengths, 1, mini_batches, 2)[0]
+        steps = [(m.tokens, m.seqs) for m in reference[1]]
+        assert len(steps) == min(mini_batches, len(lengths))  # never an empty optimizer step
+        assert sum(t for t, _ in steps) == sum(lengths) and reference[0] == list(range(len(lengths)))
+        for ranks in (2, 3, 8):
+            plans = plan_update(lengths, ranks, mini_batches, 2)
+            assert sorted(i for rows, _ in plans for i in rows) == list(range(len(lengths)))
+            for k, (tokens, seqs) in enumerate(steps):
+                minis = [plan[k] for _, plan in plans]
+                assert {(m.tokens, m.seqs) for m in minis} == {(tokens, seqs)}
+                held = [rows[m.start : m.stop] for (rows, _), m in zip(plans, minis, strict=True)]
+                assert sum(lengths[i] for part in held for i in part) == tokens
+                assert {m.micro_batches for m in minis} == {max(-(-len(p) // 2) for p in held)}
+
+
+def test_a_poisoned_later_mini_batch_undoes_the_whole_update(model_dir):
+    """A non-finite loss at the second optimizer step: the first step's weight and Adam changes are undone."""
+    policy = make_policy(model_dir)
+    batch = PolicyBatch.build(SAMPLES)
+    old = policy.old_logprobs(batch)
+    settings = UpdateSettings(mini_batches=2)
+    policy.update(batch, torch.ones_like(batch.response_mask), old, settings)  # Adam has state to undo
+    before = _lora(policy)
+    moments = {k: v.clone() for k, v in policy.optimizer.state_dict()["state"][0].items()}
+    poisoned = torch.ones_like(batch.response_mask)
+    poisoned[3, 0] = float("nan")  # row 3 is in the second mini-batch
+    stats = policy.update(batch, poisoned, old, settings)
+    assert stats.skipped and stats.optimizer_steps == 0 and policy.version == 1
+    assert not _changed(before, _lora(policy))
+    after = policy.optimizer.state_dict()["state"][0]
+    assert all(torch.equal(after[k], v) for k, v in moments.items())
+    assert policy.update(batch, -torch.ones_like(batch.response_mask), old, settings).optimizer_steps == 2

@@ -84,6 +84,8 @@ def update_settings(cfg: RunConfig) -> UpdateSettings:
     lc = cfg.learner
     return UpdateSettings(
         micro_batch_size=lc.micro_batch_size,
+        ppo_epochs=lc.ppo_epochs,
+        mini_batches=lc.mini_batches,
         clip_low=lc.clip_low,
         clip_high=lc.clip_high,
         loss_agg=lc.loss_agg,

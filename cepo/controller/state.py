@@ -76,6 +76,8 @@ class StepState:
             loss=stats.loss,
             grad_norm=stats.grad_norm,
             ppo_clip_frac=stats.clip_frac,
+            approx_kl=stats.approx_kl,
+            optimizer_steps=stats.optimizer_steps,
             lr=stats.lr,
             distill_loss=stats.distill_loss,
             adapter_checksum=update.adapter.checksum,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from cepo_proto.adapter import AdapterPayload
 from cepo_proto.learner import UpdateRequest, UpdateResult, UpdateStats
 from cepo_services.common import metrics
-from cepo_services.learner.policy import LoraPolicy, PolicyBatch
+from cepo_services.learner.policy import LoraPolicy, PolicyBatch, plan_update, shard_bounds
 
 __all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "shard_bounds"]
 
@@ -53,19 +53,6 @@ class LearnerError(RuntimeError):
 
 class _PeerRejected(RuntimeError):
     """This rank's inputs were fine, another rank's were not (the agreement step failed elsewhere)."""
-
-
-def shard_bounds(n: int, ranks: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) per rank, sizes differing by at most one (the first n % ranks get one more)."""
-    if ranks < 1 or n < 0:
-        raise ValueError(f"need ranks ≥ 1 and n ≥ 0, got ranks={ranks}, n={n}")
-    base, extra = divmod(n, ranks)
-    bounds, start = [], 0
-    for r in range(ranks):
-        stop = start + base + (r < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 PORT_ATTEMPTS = 3
@@ -164,9 +151,9 @@ class LearnerRank:
             raise _PeerRejected("another learner rank rejected its inputs")
         return prepared
 
-    def _batch(self, samples: Samples, offset: int) -> PolicyBatch:
-        """This rank's shard as a batch; ``offset`` is its first sample's index in the global batch."""
-        for i, (prompt, response) in enumerate(samples, start=offset):
+    def _batch(self, samples: Samples, index: Sequence[int]) -> PolicyBatch:
+        """This rank's shard as a batch; ``index`` holds each sample's index in the global batch."""
+        for i, (prompt, response) in zip(index, samples, strict=True):
             bad = [t for t in (*prompt, *response) if not 0 <= int(t) < self.vocab_size]
             if bad:
                 raise ValueError(
@@ -177,33 +164,34 @@ class LearnerRank:
         try:
             return PolicyBatch.build(samples)
         except ValueError as exc:
-            raise ValueError(f"{exc} (counting from sample {offset}, this rank's first)") from None
+            first = index[0] if len(index) else 0
+            raise ValueError(f"{exc} (counting from sample {first}, this rank's first)") from None
 
     # ------------------------------------------------------------------ work
     def old_logprobs(
         self, samples: Samples, offset: int, micro_batch_size: int, num_micro_batches: int
     ) -> torch.Tensor:
-        batch = self._agree(lambda: self._batch(samples, offset))
+        batch = self._agree(lambda: self._batch(samples, range(offset, offset + len(samples))))
         return self.policy.old_logprobs(batch, micro_batch_size, num_micro_batches=num_micro_batches)
 
     def update(
         self,
         samples: Samples,
-        offset: int,
+        index: Sequence[int],
         advantages: torch.Tensor,
         old_logp: torch.Tensor,
         options: dict[str, Any],
         teacher_samples: Samples | None = None,
     ) -> UpdateStats:
         def prepare() -> tuple[PolicyBatch, PolicyBatch | None]:
-            batch = self._batch(samples, offset)
+            batch = self._batch(samples, index)
             width = batch.response_mask.shape[1]
             for name, t in (("advantages", advantages), ("old_logp", old_logp)):
                 if t.shape[0] != len(batch) or t.shape[1] < width:
                     raise ValueError(
                         f"{name} shard must have {len(batch)} rows and ≥ {width} columns, got {tuple(t.shape)}"
                     )
-            teacher = None if teacher_samples is None else self._batch(teacher_samples, offset)
+            teacher = None if teacher_samples is None else self._batch(teacher_samples, index)
             return batch, teacher
 
         start = time.perf_counter()
@@ -379,42 +367,40 @@ class LearnerGroup:
         return self._version
 
     def update(self, request: UpdateRequest) -> UpdateResult:
-        """One optimizer step on every rank over the whole batch; the adapter it produced, at version + 1.
-
-        Stats are aggregated over the ranks. OPSD / SDPO: ``request.distill`` and ``request.teacher_samples``.
+        """One update on every rank over the whole batch (``ppo_epochs × mini_batches`` optimizer steps, each
+        over a global mini-batch sharded across the ranks: :func:`plan_update`); the adapter it produced, at
+        version + 1. Stats are aggregated over the ranks. OPSD / SDPO: ``request.distill`` and
+        ``request.teacher_samples``.
         """
         start = time.perf_counter()
         actors = self._live()
         samples = [(list(p), list(r)) for p, r in request.samples]
         settings = request.settings
-        bounds, micro = self._shards(samples, settings.micro_batch_size)
-        tokens = [sum(len(r) for _, r in samples[start:stop]) for start, stop in bounds]
-        options = {
-            "settings": settings,
-            "global_tokens": float(sum(tokens)),
-            "global_seqs": float(len(samples)),
-            "num_micro_batches": micro,
-            "distill": request.distill,
-        }
+        plans = plan_update(
+            [len(r) for _, r in samples], self.ranks, settings.mini_batches, settings.micro_batch_size
+        )
+        tokens = [sum(len(samples[i][1]) for i in rows) for rows, _ in plans]
         advantages = torch.tensor(request.advantages)
         old_logp = torch.tensor(request.old_logp)
         teacher = request.teacher_samples
         refs = [
             a.update.remote(
-                samples[start:stop],
-                start,
-                advantages[start:stop],
-                old_logp[start:stop],
-                options,
-                None if request.distill is None else [(list(p), list(r)) for p, r in teacher[start:stop]],
+                [samples[i] for i in rows],
+                rows,
+                advantages[rows],
+                old_logp[rows],
+                {"settings": settings, "plan": plan, "distill": request.distill},
+                None
+                if request.distill is None
+                else [(list(teacher[i][0]), list(teacher[i][1])) for i in rows],
             )
-            for a, (start, stop) in zip(actors, bounds, strict=True)
+            for a, (rows, plan) in zip(actors, plans, strict=True)
         ]
         stats: list[UpdateStats] = self._call("update", refs)
         skipped = stats[0].skipped  # decided on every rank from the same all-reduced flag
         if not skipped:
             self._version += 1
-        total = float(sum(tokens))
+        total = max(float(sum(tokens)), 1.0)
         merged = UpdateStats(
             loss=sum(s.loss for s in stats),
             clip_frac=sum(s.clip_frac * n for s, n in zip(stats, tokens, strict=True)) / total,
@@ -423,6 +409,7 @@ class LearnerGroup:
             lr=stats[0].lr,
             distill_loss=sum(s.distill_loss for s in stats),
             skipped=skipped,
+            optimizer_steps=stats[0].optimizer_steps,
         )
         adapter = self.export_adapter()
         return UpdateResult(stats=merged, adapter=adapter, seconds=time.perf_counter() - start)

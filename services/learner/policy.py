@@ -16,23 +16,63 @@ with dummy micro-batches that contribute nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cepo_proto.adapter import AdapterPayload
-from cepo_proto.learner import DistillSpec, UpdateSettings, UpdateStats
+from cepo_proto.learner import DistillSpec, MiniBatch, UpdateSettings, UpdateStats
 from cepo_services.learner.losses import ema_update, opsd_loss, ppo_clip_loss, sdpo_loss
 from cepo_services.learner.schedules import lr_at
 
-__all__ = ["LoraPolicy", "PolicyBatch"]
+__all__ = ["LoraPolicy", "PolicyBatch", "plan_update", "shard_bounds"]
+
+
+def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) per part, sizes differing by at most one (the first n % parts get one more)."""
+    if parts < 1 or n < 0:
+        raise ValueError(f"need parts ≥ 1 and n ≥ 0, got parts={parts}, n={n}")
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for r in range(parts):
+        stop = start + base + (r < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def plan_update(
+    lengths: Sequence[int], ranks: int, mini_batches: int, micro_batch_size: int
+) -> list[tuple[list[int], list[MiniBatch]]]:
+    """Per rank: the global row indices it holds and its :class:`MiniBatch` plan, for a batch whose response
+    lengths are ``lengths``.
+
+    The batch is first cut into ``mini_batches`` contiguous ranges (one optimizer step each), then each range
+    is sharded contiguously across ``ranks``; a rank's rows are its shards of every range, in order. So the
+    steps — and the global token counts that normalise them — are the same whatever the number of ranks.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be ≥ 1, got {micro_batch_size}")
+    rows: list[list[int]] = [[] for _ in range(ranks)]
+    plans: list[list[MiniBatch]] = [[] for _ in range(ranks)]
+    for m_start, m_stop in shard_bounds(len(lengths), mini_batches):
+        if m_stop == m_start:  # fewer rows than mini-batches: no empty optimizer steps
+            continue
+        shards = [(m_start + a, m_start + b) for a, b in shard_bounds(m_stop - m_start, ranks)]
+        tokens = float(sum(lengths[m_start:m_stop]))
+        micro = max(math.ceil((b - a) / micro_batch_size) for a, b in shards)
+        for r, (a, b) in enumerate(shards):
+            local = len(rows[r])
+            rows[r].extend(range(a, b))
+            plans[r].append(MiniBatch(local, local + b - a, tokens, float(m_stop - m_start), micro))
+    return list(zip(rows, plans, strict=True))
 
 
 @dataclass
@@ -238,22 +278,24 @@ class LoraPolicy:
         old_logp: torch.Tensor,
         settings: UpdateSettings = UpdateSettings(),  # noqa: B008 (frozen)
         *,
-        global_tokens: float | None = None,
-        global_seqs: float | None = None,
-        num_micro_batches: int | None = None,
+        plan: Sequence[MiniBatch] | None = None,
         teacher_batch: PolicyBatch | None = None,
         distill: DistillSpec | None = None,
     ) -> UpdateStats:
-        """One optimizer step over ``batch`` (gradient accumulated over micro-batches).
+        """One update over ``batch``: ``settings.ppo_epochs`` passes over its mini-batches, one optimizer step
+        per mini-batch (gradient accumulated over micro-batches), the ratio taken against ``old_logp``.
 
-        ``global_tokens`` / ``global_seqs`` are the counts over the whole global batch (all ranks); by default
-        this rank's batch is the global batch. Token-mean is then exact whatever the micro-batch split.
-        Under FSDP the returned loss is this rank's share, clip_frac / approx_kl are over this rank's tokens
-        (0 without any) and grad_norm is the global norm; ``num_micro_batches`` pads with dummy micro-batches
-        so that every rank runs the same number of forwards and backwards.
+        ``plan`` lists this rank's mini-batches with the counts over all ranks (:func:`plan_update`); by default
+        this rank's batch is the global batch, cut into ``settings.mini_batches``. Token-mean is then exact
+        whatever the micro-batch split or rank count. Under FSDP the returned loss is this rank's share,
+        clip_frac / approx_kl are over this rank's tokens (0 without any) and grad_norm is the global norm.
+
+        A non-finite loss or gradient norm at any step skips the whole update: weights, optimizer state, EMA and
+        version are restored to what they were before its first step.
 
         With ``distill`` (OPSD / SDPO) ``teacher_batch`` holds, row for row, the same responses after the
-        teacher's r⁺ context; the distillation term is added per micro-batch (see :class:`DistillSpec`).
+        teacher's r⁺ context; the distillation term is added per micro-batch (see :class:`DistillSpec`), the
+        teacher being the weights (or EMA) of the moment.
         """
         if advantages.shape != batch.response_mask.shape:
             raise ValueError(
@@ -265,18 +307,74 @@ class LoraPolicy:
                 raise ValueError(f"{distill.kind} needs a teacher batch of {len(batch)} rows, got {got}")
             if not torch.equal(teacher_batch.response_mask, batch.response_mask):
                 raise ValueError("teacher_batch responses must match the batch's row for row")
+        if plan is None:
+            lengths = [int(n) for n in batch.response_mask.sum(1).tolist()]
+            plan = plan_update(lengths, 1, settings.mini_batches, settings.micro_batch_size)[0][1]
         self.model.train()
         lr = lr_at(self.step, self.base_lr, self.total_steps, self.warmup_steps, self.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        tokens = float(batch.response_mask.sum()) if global_tokens is None else global_tokens
-        seqs = float(len(batch)) if global_seqs is None else global_seqs
+        steps = [mini for _ in range(settings.ppo_epochs) for mini in plan]
+        saved = self._snapshot() if len(steps) > 1 else None
+        loss_sum = clip_sum = kl_sum = distill_sum = norm_sum = 0.0
+        n_tokens = 0.0
+        for k, mini in enumerate(steps):
+            out = self._step(batch, advantages, old_logp, settings, mini, teacher_batch, distill)
+            loss_sum += out["loss"]
+            distill_sum += out["distill"]
+            clip_sum += out["clip"]
+            kl_sum += out["kl"]
+            n_tokens += out["tokens"]
+            if not self._all_finite(out["loss"], out["norm"]):
+                # a poisoned update: weights, optimizer state, EMA and version stay as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                if saved is not None and k > 0:
+                    self._restore(saved)
+                return UpdateStats(
+                    loss_sum / (k + 1),
+                    clip_sum / max(n_tokens, 1.0),
+                    kl_sum / max(n_tokens, 1.0),
+                    out["norm"],
+                    lr,
+                    distill_loss=distill_sum / (k + 1),
+                    skipped=True,
+                    optimizer_steps=0,
+                )
+            norm_sum += out["norm"]
+            self.optimizer.step()
+            if distill is not None and distill.kind == "sdpo":
+                # SDPO: θ_T ← β·θ_T + (1 − β)·θ, after every optimizer step (Table 7)
+                self.ema = ema_update(self._ema(), dict(enumerate(self.params)), distill.ema_decay)
+        self.step += 1
+        n = len(steps)
+        return UpdateStats(
+            loss_sum / n,
+            clip_sum / max(n_tokens, 1.0),
+            kl_sum / max(n_tokens, 1.0),
+            norm_sum / n,
+            lr,
+            distill_loss=distill_sum / n,
+            optimizer_steps=n,
+        )
+
+    def _step(
+        self,
+        batch: PolicyBatch,
+        advantages: torch.Tensor,
+        old_logp: torch.Tensor,
+        settings: UpdateSettings,
+        mini: MiniBatch,
+        teacher_batch: PolicyBatch | None,
+        distill: DistillSpec | None,
+    ) -> dict[str, float]:
+        """Forward and backward over one mini-batch (rows [mini.start, mini.stop)); the gradient is left in
+        place, clipped, for the optimizer step. Returns its loss, gradient norm and token-weighted stats."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = clip_sum = kl_sum = distill_sum = 0.0
         micro_batch_size = settings.micro_batch_size
-        starts = list(range(0, len(batch), micro_batch_size))
-        total = max(len(starts), num_micro_batches or 0)
+        starts = list(range(mini.start, mini.stop, micro_batch_size))
+        total = max(len(starts), mini.micro_batches)
         ema = distill is not None and distill.kind == "sdpo"
+        loss_sum = clip_sum = kl_sum = distill_sum = tokens = 0.0
         for i in range(total):
             if self.fsdp:  # reduce-scatter the accumulated gradients once, after the last backward
                 self.model.set_requires_gradient_sync(i == total - 1)
@@ -286,7 +384,7 @@ class LoraPolicy:
                 (self.token_logprobs(_dummy_batch()).sum() * 0.0).backward()
                 continue
             start = starts[i]
-            stop = min(start + micro_batch_size, len(batch))
+            stop = min(start + micro_batch_size, mini.stop)
             width = int(batch.response_mask[start:stop].sum(1).max())
             micro = batch.rows(start, stop, width)
             mask = micro.response_mask.to(self.device)
@@ -302,12 +400,14 @@ class LoraPolicy:
                 settings.clip_low,
                 settings.clip_high,
                 settings.loss_agg,
-                global_tokens=tokens,
-                global_seqs=seqs,
+                global_tokens=mini.tokens,
+                global_seqs=mini.seqs,
             )
             loss = out.loss
             if distill is not None:
-                d_loss = distill.weight * self._distill_loss(distill, logits, teacher_logits, mask, tokens)
+                d_loss = distill.weight * self._distill_loss(
+                    distill, logits, teacher_logits, mask, mini.tokens
+                )
                 loss = d_loss + loss if distill.with_pg else d_loss
                 distill_sum += float(d_loss.detach())
             loss.backward()
@@ -315,22 +415,46 @@ class LoraPolicy:
             loss_sum += float(loss.detach())
             clip_sum += float(out.clip_frac) * n
             kl_sum += float(out.approx_kl) * n
+            tokens += n
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the global norm, same on every rank
             norm = norm.full_tensor()
-        n_tokens = max(float(batch.response_mask.sum()), 1.0)
-        stats = UpdateStats(
-            loss_sum, clip_sum / n_tokens, kl_sum / n_tokens, float(norm), lr, distill_loss=distill_sum
-        )
-        if not self._all_finite(loss_sum, float(norm)):
-            # a poisoned step: weights, optimizer state, EMA and version stay as they were
-            self.optimizer.zero_grad(set_to_none=True)
-            return dataclasses.replace(stats, skipped=True)
-        self.optimizer.step()
-        self.step += 1
-        if ema:  # SDPO: θ_T ← β·θ_T + (1 − β)·θ, after every optimizer step (Table 7)
-            self.ema = ema_update(self._ema(), dict(enumerate(self.params)), distill.ema_decay)
-        return stats
+        return {
+            "loss": loss_sum,
+            "distill": distill_sum,
+            "clip": clip_sum,
+            "kl": kl_sum,
+            "tokens": tokens,
+            "norm": float(norm),
+        }
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The adapter weights, optimizer state and EMA (this rank's shards), to undo a poisoned update."""
+        state = {
+            id(p): {
+                k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()
+            }
+            for p in self.params
+            if p in self.optimizer.state
+        }
+        ema = None if self.ema is None else {i: t.detach().clone() for i, t in self.ema.items()}
+        return {"params": [p.detach().clone() for p in self.params], "optimizer": state, "ema": ema}
+
+    @torch.no_grad()
+    def _restore(self, saved: dict[str, Any]) -> None:
+        for p, value in zip(self.params, saved["params"], strict=True):
+            p.copy_(value)
+            before = saved["optimizer"].get(id(p))
+            if before is None:
+                self.optimizer.state.pop(p, None)
+                continue
+            state = self.optimizer.state[p]
+            for k, v in before.items():
+                if torch.is_tensor(v) and torch.is_tensor(state.get(k)):
+                    state[k].copy_(v)
+                else:
+                    state[k] = v
+        self.ema = saved["ema"]
 
     def _all_finite(self, *values: float) -> bool:
         """Are this update's loss and gradient norm finite — on every rank (one all-reduce under FSDP)?"""
