@@ -71,6 +71,13 @@ class DataConfig(_Section):
     )
     path: str | None = Field("hiyouga/geometry3k", description="File or folder for jsonl/parquet/hf sources.")
     split: str = Field("train", description="Split to train on.")
+    split_column: str | None = Field(
+        "split",
+        min_length=1,
+        description="jsonl/parquet: the column naming each row's split. When a file has it, only the rows of "
+        "the requested split are read (training: data.split; a held-out suite: its name); a file without it "
+        "is one split. null: never select rows by a column.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Column-name mapping onto the problem record, e.g. {question: problem}.",
@@ -86,9 +93,81 @@ class DataConfig(_Section):
     )
     seed: int = Field(1, description="Shuffle seed of the data cursor.")
     prompt_template: str = Field(STUDENT_PROMPT, description="Student prompt (paper App. B).")
-    eval_suites: list[str] = Field(default_factory=list, description="Held-out suites for evaluation.")
+    eval_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="jsonl/parquet/hf: held-out data per suite, {suite: file or folder}, read like data.path "
+        "(a dataset's split named like the suite; a file's rows of that split if it has a split column).",
+    )
+    eval_suites: list[str] = Field(
+        default_factory=list,
+        description="Held-out suites. arithmetic: test, more_operands, larger_numbers, unseen_mix, "
+        "word_problems; reasoning_gym: task names; hf: split names; jsonl/parquet: a data.eval_paths key or "
+        "a value of the training file's split column. Never the training split itself.",
+    )
     eval_size: int = Field(200, ge=1, description="Problems per held-out suite.")
     eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (sampled with `eval.*`).")
+
+    @field_validator("eval_paths")
+    @classmethod
+    def _eval_paths(cls, value: dict[str, str], info: Any) -> dict[str, str]:
+        source = info.data.get("source")
+        if value and source in ("arithmetic", "reasoning_gym"):
+            raise ValueError(
+                f"data.source {source!r} generates its held-out suites; files per suite are for jsonl, "
+                "parquet and hf sources (remove data.eval_paths)"
+            )
+        for suite, path in value.items():
+            if not suite.strip() or not path.strip():
+                raise ValueError(f"suite {_short(suite)}: suite names and paths must be non-empty")
+        return value
+
+    @field_validator("eval_suites")
+    @classmethod
+    def _known_suites(cls, value: list[str], info: Any) -> list[str]:
+        data = info.data
+        source = data.get("source")
+        for i, suite in enumerate(value):
+            if not suite.strip():
+                raise ValueError("suite names must be non-empty")
+            if suite in value[:i]:
+                raise ValueError(f"suite {_short(suite)} is listed twice")
+        if source == "arithmetic":
+            from cepo.tasks.arithmetic import HELD_OUT_SPLITS as allowed
+        elif source == "reasoning_gym":
+            from cepo.tasks.reasoning_gym import SUPPORTED_TASKS as allowed
+        else:
+            allowed = None
+        if allowed is not None:
+            for suite in value:
+                if suite not in allowed:
+                    kind = "reasoning_gym task" if source == "reasoning_gym" else "suite"
+                    if suite == "train":
+                        what = "'train' is the training split, not a held-out suite,"
+                    else:
+                        what = f"unknown {kind} {_short(suite)}"
+                    hint = difflib.get_close_matches(suite, allowed, n=1)
+                    raise ValueError(
+                        f"{what} for data.source {source!r}; {kind}s: {', '.join(allowed)}"
+                        + (f" (did you mean {hint[0]!r}?)" if hint and suite != "train" else "")
+                    )
+            return value
+        if "eval_paths" not in data or "split" not in data or "split_column" not in data:
+            return value  # reported on its own
+        for suite in value:
+            if suite in data["eval_paths"]:
+                continue
+            if suite == data["split"]:
+                raise ValueError(
+                    f"suite {_short(suite)} is the training split (data.split): name a held-out split, or give "
+                    f"it a file of its own in data.eval_paths.{suite}"
+                )
+            if source in ("jsonl", "parquet") and data["split_column"] is None:
+                raise ValueError(
+                    f"suite {_short(suite)} has no held-out data: data.source {source!r} reads one file "
+                    f"(data.path) and data.split_column is null; set data.eval_paths.{suite} to the suite's "
+                    "own file"
+                )
+        return value
 
 
 class EvalConfig(_Section):
@@ -130,12 +209,18 @@ class RolloutConfig(_Section):
 class TeacherConfig(_Section):
     backend: Literal["vllm", "transformers"] = Field("vllm", description="Scoring engine.")
     replicas: int = Field(1, ge=1, description="Teacher scoring replicas.")
-    source: Literal["actor", "reference", "synced"] = Field(
-        "actor",
-        description="Teacher weights: the current actor (paper default), the frozen base policy, or the "
-        "actor synced every `sync_every` steps (paper Table 4).",
+    source: Literal["actor", "reference", "synced"] | None = Field(
+        None,
+        description="Teacher weights of the scoring replicas (methods that score tokens: cepo, rlsd): the "
+        "current actor, the frozen base policy, or the actor synced every `sync_every` steps (paper Table 4). "
+        "None: the method's own (paper Table 7: CEPO the actor every step, RLSD the actor synced every 50 "
+        "steps). OPSD's and SDPO's teachers live in the learner (the actor; an EMA of it).",
     )
-    sync_every: int = Field(25, ge=1, description="Steps between teacher syncs when source is 'synced'.")
+    sync_every: int | None = Field(
+        None,
+        ge=1,
+        description="Steps between teacher syncs when the source is 'synced' (None: the method's own, RLSD 50).",
+    )
     template: Literal["paper", "official"] = Field(
         "paper",
         description="Teacher context: the paper's App. B template ('Here is a sample answer: …'), or the "
@@ -146,6 +231,14 @@ class TeacherConfig(_Section):
     )
     negative: Literal["answer", "full", "prefix", "suffix"] = Field(
         "answer", description="What of the rejected rollout conditions P_T⁻ (paper: answer only)."
+    )
+    max_hint_tokens: int = Field(
+        512,
+        ge=0,
+        description="Room in the teacher engines for the hint (template + answer) on top of model.max_seq_len "
+        "(capped by the model's position limit). A row whose teacher context still does not fit gets Δ = 0 "
+        "(its tokens keep A), counted as teacher_unfit_rows in the metrics. Raise it for teacher.negative "
+        "full/prefix/suffix, whose hints are rollouts.",
     )
 
 
@@ -287,6 +380,27 @@ class LoggingConfig(_Section):
         description="Rollouts per step written with per-token evidence to steps/step_NNNNN.json for "
         "`cepo inspect` (0: none).",
     )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get every step's metrics and the held-out evaluations, "
+        "under verl's names (cepo/trackers.py): tensorboard (event files in <run_dir>/tensorboard/), wandb "
+        "(W&B, files in <run_dir>/wandb/; WANDB_MODE=offline works without network; `pip install "
+        "wandb==0.31.0`). Empty: metrics.jsonl (and Prometheus) only.",
+    )
+    wandb_project: str = Field("cepo", min_length=1, description="W&B project of the run (report_to: wandb).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_once(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --set logging.report_to=tensorboard
+            value = [value]
+        if isinstance(value, list | tuple):
+            known = ("tensorboard", "wandb")
+            for item in value:
+                if item not in known:  # named here: the generic message cannot list a list's choices
+                    raise ValueError(f"got {item!r}; allowed values: {', '.join(map(repr, known))}")
+            value = list(dict.fromkeys(value))  # a tracker named twice is opened once
+        return value
 
 
 class RunConfig(_Section):
@@ -315,6 +429,18 @@ class RunConfig(_Section):
         if self.data.source == "reasoning_gym" and not self.data.tasks:
             raise ValueError("data.tasks must name at least one task when data.source is 'reasoning_gym'")
         return self
+
+    @property
+    def teacher_source(self) -> str:
+        """``teacher.source``, or the method's own (paper Table 7)."""
+        source = self.teacher.source
+        return source if source is not None else get_method(self.algorithm.method).teacher_source
+
+    @property
+    def teacher_sync_every(self) -> int:
+        """``teacher.sync_every``, or the method's own (paper Table 7: RLSD 50)."""
+        every = self.teacher.sync_every
+        return every if every is not None else get_method(self.algorithm.method).teacher_sync_every
 
     @property
     def learning_rate(self) -> float:
@@ -499,9 +625,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_FOLDER = "a local Hugging Face model folder with config.json"
 
 
-def check_model_path(path: str) -> None:
+def check_model_path(path: str, *, hub: bool = False) -> None:
     """FileNotFoundError naming ``model.path`` unless it is a folder with config.json or a Hub id
-    (``org/name``, left to the loaders, unless ``org`` is a local folder: then it is meant as a local path)."""
+    (``org/name``, left to the loaders, unless ``org`` is a local folder: then it is meant as a local path).
+
+    With ``hub``, a Hub id that is not in the local Hugging Face cache is also refused at once when the Hub
+    cannot be reached (an offline switch is set, or its host does not answer within a few seconds) — instead of
+    the loaders' retries."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -510,6 +640,18 @@ def check_model_path(path: str) -> None:
     if folder.exists():
         raise FileNotFoundError(f"model.path {path}: a file, not a folder ({_MODEL_FOLDER})")
     if _HUB_ID.match(path) and not Path(path.split("/")[0]).expanduser().is_dir():
+        if hub:
+            from huggingface_hub import try_to_load_from_cache
+
+            from cepo.data.loaders import hub_unreachable
+
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+            why = None if cached else hub_unreachable()
+            if why is not None:
+                raise FileNotFoundError(
+                    f"model.path {path}: a model on the Hugging Face Hub, not in the local cache, and {why}: "
+                    "set model.path (--model) to a local model folder, e.g. models/tiny-arith (cepo bootstrap)"
+                )
         return
     raise FileNotFoundError(f"model.path {path}: no such folder ({_MODEL_FOLDER})")
 

@@ -129,11 +129,20 @@ class TeacherRequest(_Message):
 
 
 class TeacherScores(_Message):
+    """Per item, log P_T⁺ (None without a positive) and log P_T⁻ (or log P_S) of its response tokens.
+
+    An item whose positive or negative sequence is longer than the engine can score is listed in ``unfit`` and
+    gets empty arrays: the controller then sets Δ = 0 for its row (its tokens keep the sequence advantage A).
+    """
+
     replica: str
     logp_pos: list[np.ndarray | None]
     logp_neg: list[np.ndarray]
     seconds: float
     scored_tokens: int
+    unfit: list[int] = Field(
+        default_factory=list, description="Items too long to score (indices in the request)."
+    )
 
 
 class ProbeRequest(_Message):
@@ -190,6 +199,7 @@ class StepReport(BaseModel):
     adapter_checksum: str = ""
     # a non-finite advantage, loss or gradient norm: no update, the version unchanged
     update_skipped: bool = False
+    teacher_unfit_rows: int = 0  # rows whose teacher context exceeded the teacher engine: Δ = 0 for them
     probe_failures: int = 0  # replicas whose scores did not reproduce the learner's on the probe (reloaded)
     replica_restarts: dict[str, int] = Field(
         default_factory=dict, description="Replicas replaced during the step, by role (died or timed out)."

@@ -98,3 +98,36 @@ def test_teacher_replica_scores_both_contexts_and_falls_back_to_the_student(asse
         assert torch.is_tensor(torch.from_numpy(scores.logp_pos[1]))
     finally:
         replica.shutdown()
+
+
+def test_teacher_rows_that_do_not_fit_are_reported_not_sent(assets):
+    """A response at the generation cap plus the hint is longer than the engine scores: that item comes back
+    in ``unfit`` with empty scores (the controller gives it Δ = 0); the other items are scored as usual."""
+    model_dir, payload = assets
+    replica = TeacherReplica("teacher-0", "transformers", str(model_dir))
+    try:
+        replica.load_adapter(payload)
+        tok = replica.tokenizer
+        prompt_ids = chat_prompt_ids(tok, PROMPT)
+        limit = replica.engine.max_score_len
+        assert limit == 512  # the tiny model's position limit
+        short = tok.encode(" 4+1=5. \\boxed{5}", add_special_tokens=False)
+        at_cap = (short * 200)[
+            : limit - len(prompt_ids)
+        ]  # the student context fits exactly, the hint does not
+        assert len(prompt_ids) + len(at_cap) == limit
+
+        def item(response, negative):
+            return TeacherItem(student_prompt=PROMPT, student_prompt_ids=prompt_ids, response_ids=response,
+                               positive="13", negative=negative)  # fmt: skip
+
+        items = [item(short, "12"), item(at_cap, "12"), item(at_cap, None), item(short, None)]
+        scores = replica.score(TeacherRequest(items=items, temperature=1.0, expected_version=0))
+        assert scores.unfit == [1, 2]  # the positive context does not fit either way
+        assert [len(a) for a in scores.logp_neg] == [len(short), 0, 0, len(short)]
+        assert [len(a) for a in scores.logp_pos] == [len(short), 0, 0, len(short)]
+        assert scores.scored_tokens == 4 * len(short)
+        alone = replica.score(TeacherRequest(items=items[:1], temperature=1.0, expected_version=0))
+        assert np.array_equal(alone.logp_pos[0], scores.logp_pos[0]) and alone.unfit == []
+    finally:
+        replica.shutdown()

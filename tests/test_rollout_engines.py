@@ -120,7 +120,30 @@ def test_vllm_scores_equal_transformers_forward(assets, prompts):
         assert not torch.allclose(torch.tensor(hf.score(sequences, 0.7)[0]), torch.tensor(want[0]))
         with pytest.raises(ValueError, match="start 0 must lie"):
             hf.score([(prompts[0], 0)])
+        # the teacher replica's fit check rests on max_score_len: the longest sequence vLLM scores, exactly
+        assert llm.max_score_len == 255
+        longest = [*prompts[0], *([5] * (255 - len(prompts[0])))]
+        assert len(llm.score([(longest, len(prompts[0]))])[0]) == 255 - len(prompts[0])
+        with pytest.raises(Exception, match="longer than the maximum model length"):  # the step would fail
+            llm.score([([*longest, 5], len(prompts[0]))])
     finally:
         llm.close()
         hf.close()
         gc.collect()
+
+
+def test_transformers_engine_applies_the_presence_penalty(assets, prompts):
+    """The paper's evaluation sampling (presence penalty 2.0) is honoured by the fallback engine, never
+    dropped: a huge penalty forbids any repeated response token; without it the tiny model repeats."""
+    engine = TransformersEngine(str(assets[0]), dtype="float32", seed=0)
+    try:
+        spec = SamplingSpec(n=4, temperature=1.0, max_tokens=24, seed=5)
+        plain = [c.token_ids for g in engine.generate(prompts, spec) for c in g]
+        penalised = engine.generate(prompts, spec.model_copy(update={"presence_penalty": 2.0e4}))
+        assert any(len(set(ids)) < len(ids) for ids in plain)
+        for completion in (c for g in penalised for c in g):
+            ids = completion.token_ids
+            assert len(set(ids)) == len(ids), ids
+            assert all(lp > -1e3 for lp in completion.logprobs)  # sampled tokens were never penalised ones
+    finally:
+        engine.close()

@@ -44,13 +44,26 @@ def start_ray(cfg: RunConfig) -> None:
     )
 
 
-def engine_options(cfg: RunConfig, backend: str, seed: int) -> dict[str, Any]:
-    """Keyword arguments of ``make_engine`` for a rollout or teacher engine (or ``cepo eval``'s)."""
+def teacher_max_len(cfg: RunConfig) -> int:
+    """The teacher engines' context: prompt + response (``model.max_seq_len``) plus the hint's room
+    (``teacher.max_hint_tokens``), within the model's own position limit."""
+    from transformers import AutoConfig
+
+    wanted = cfg.model.max_seq_len + cfg.teacher.max_hint_tokens
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    config = getattr(config, "text_config", None) or config  # a vision-language model's language half
+    limit = getattr(config, "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted
+
+
+def engine_options(cfg: RunConfig, backend: str, seed: int, *, role: str = "rollout") -> dict[str, Any]:
+    """Keyword arguments of ``make_engine`` for a rollout or teacher engine (or ``cepo eval``'s). Teacher
+    engines hold the hint too (:func:`teacher_max_len`)."""
     if backend == "transformers":
         return {"dtype": cfg.model.dtype, "seed": seed}
     return {
         "dtype": cfg.model.dtype,
-        "max_model_len": cfg.model.max_seq_len,
+        "max_model_len": teacher_max_len(cfg) if role == "teacher" else cfg.model.max_seq_len,
         "max_lora_rank": max(cfg.model.lora.rank, 8),  # vLLM's smallest supported LoRA rank is 8
         "seed": seed,
         "enforce_eager": cfg.rollout.enforce_eager,

@@ -89,7 +89,7 @@ class ServicePools:
         replica = {"num_cpus": res.cpus_per_replica, "num_gpus": res.gpus_per_replica}
 
         def engine(cls: type, backend: str, seed: int, name: str) -> Any:
-            options = engine_options(cfg, backend, seed)
+            options = engine_options(cfg, backend, seed, role=cls.service)
             return ray.remote(**replica)(cls).remote(name, backend, cfg.model.path, **options)
 
         # role → start replica ``index`` under ``name``
@@ -298,8 +298,9 @@ class ServicePools:
 
     def score(
         self, items: list[TeacherItem], *, temperature: float, template: str, version: int | None
-    ) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
-        """log P_T⁺ and log P_T⁻ (or log P_S) of every item's response tokens; ``version`` None: reference teacher."""
+    ) -> tuple[list[np.ndarray | None], list[np.ndarray], list[int]]:
+        """log P_T⁺ and log P_T⁻ (or log P_S) of every item's response tokens, and the items too long for the
+        teacher engines (their scores empty); ``version`` None: the reference teacher."""
 
         def call(actor: Any, a: int, b: int) -> Any:
             request = TeacherRequest(
@@ -309,10 +310,12 @@ class ServicePools:
 
         pos: list[np.ndarray | None] = []
         neg: list[np.ndarray] = []
+        unfit: list[int] = []
         for result in self._fan_out("teacher", len(items), call):
+            unfit.extend(len(neg) + k for k in result.unfit)
             pos.extend(result.logp_pos)
             neg.extend(result.logp_neg)
-        return pos, neg
+        return pos, neg, unfit
 
     def close(self, log: Callable[[str], None]) -> None:
         """Shut every replica down (each given a minute), kill it, then the learner group."""

@@ -1,5 +1,7 @@
 """The step recorder: everything a run leaves behind — the run folder (config, metrics.jsonl, per-token evidence,
-checkpoints, the latest adapter), the Redis ledger, the controller's Prometheus metrics and scrape targets."""
+checkpoints, the latest adapter, made self-contained by :mod:`cepo.artifacts`), the Redis ledger, the
+controller's Prometheus metrics and scrape targets, and the experiment trackers of ``logging.report_to``
+(:mod:`cepo.trackers`: TensorBoard, W&B)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from cepo import telemetry
 from cepo.algorithm.advantages import evidence_delta, evidence_weights
 from cepo.config import RunConfig, dump_config
 from cepo.controller.state import StepState
+from cepo.trackers import Trackers, check_available
 from cepo_proto import AdapterPayload
 from cepo_proto.pipeline import StepReport
 
@@ -94,6 +97,8 @@ class StepRecorder:
         self.ledger = None
         self._ledger_open = False  # a ledger record was started and not yet finished
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.trackers = Trackers()  # logging.report_to, opened by open()
+        self._tokenizer: dict[str, bytes] | None = None  # the base tokenizer's files, for adapter folders
 
     def open(self, *, resume_step: int | None = None, overwrite: bool = False) -> None:
         """Reach the ledger first (a configured but unreachable Redis is an error before any service starts),
@@ -101,6 +106,7 @@ class StepRecorder:
         unless the run is resumed there (``resume_step``: the step of the checkpoint it continues from) or
         ``overwrite`` (which removes that run's records first)."""
         cfg, resume = self.cfg, resume_step is not None
+        check_available(cfg.logging.report_to)  # a tracker's package missing: an error before any write
         taken = [name for name in RUN_FILES if (self.run_dir / name).exists()]
         if taken and not resume and not overwrite:
             raise RunFolderError(
@@ -120,6 +126,8 @@ class StepRecorder:
                 "eval.jsonl",
                 "summary.json",
                 "prometheus_targets.json",
+                "tensorboard",
+                "wandb",
             ):
                 target = self.run_dir / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -138,6 +146,17 @@ class StepRecorder:
             else:
                 self.ledger.resume_run(self.run_id, step=resume_step, **record)
             self._ledger_open = True
+        if cfg.logging.report_to:
+            self.trackers = Trackers.open(
+                cfg.logging.report_to,
+                self.run_dir,
+                run_id=self.run_id,
+                name=cfg.name,
+                project=cfg.logging.wandb_project,
+                config=cfg.model_dump(mode="json"),
+                group_size=cfg.rollout.group_size,
+                resume_step=resume_step,
+            )
 
     def rewind(self, step: int) -> None:
         """Forget what came after the checkpoint of ``step``: later metrics lines and token dumps (a step that
@@ -171,6 +190,12 @@ class StepRecorder:
             telemetry.observe_step(report)
         if self.ledger is not None:
             self.ledger.record_step(self.run_id, report.model_dump(mode="json"), list(samples))
+        self.trackers.log_step(report)
+
+    def record_eval(self, steps_done: int, results: dict[str, dict[str, Any]]) -> None:
+        """A held-out evaluation after ``steps_done`` steps ({suite: result}, as eval.jsonl has it): to the
+        trackers (eval.jsonl itself is written by :func:`cepo.run.train`)."""
+        self.trackers.log_eval(steps_done, results)
 
     def dump_tokens(self, ev: StepState, policy_version: int, tokenizer: Any) -> None:
         """steps/step_NNNNN.json: per-token evidence of some of the step's rollouts (``cepo inspect``)."""
@@ -242,6 +267,7 @@ class StepRecorder:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         payload.write_to(tmp / "adapter")
+        self._complete_adapter(tmp / "adapter", step, payload.version)
         if teacher is not None:
             teacher.write_to(tmp / "teacher_adapter")
         torch.save(learner_state, tmp / "learner.pt")
@@ -265,8 +291,46 @@ class StepRecorder:
             self.ledger.add_checkpoint(self.run_id, step, str(final.resolve()))
         return final
 
+    def _complete_adapter(self, folder: Path, step: int, version: int) -> None:
+        """The adapter folder loads on its own: absolute base path, tokenizer files, README.md model card."""
+        from cepo.algorithm.methods import get_method
+        from cepo.artifacts import complete_adapter, tokenizer_files
+
+        cfg = self.cfg
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = tokenizer_files(cfg.model.path)
+            except Exception as exc:  # the adapter itself is still complete
+                self._tokenizer = {}
+                self.log(f"adapter folders get no tokenizer files: {cfg.model.path}: {exc}")
+        method = get_method(cfg.algorithm.method)
+        settings = {"learning rate": cfg.learner.lr if cfg.learner.lr is not None else method.learning_rate}
+        if method.scores_evidence:
+            algo = cfg.algorithm
+            settings.update(
+                {"λ₀ (lambda0)": algo.lambda0, "λ schedule": algo.lambda_schedule, "ε_w": algo.eps_w}
+            )
+        settings.update({"seed": cfg.seed, "data": cfg.data.source})
+        complete_adapter(
+            folder,
+            tokenizer=self._tokenizer,
+            card={
+                "method": method.name,
+                "method_display": method.display,
+                "step": step,
+                "version": version,
+                "run_id": self.run_id,
+                "run_name": cfg.name,
+                "settings": settings,
+            },
+        )
+
     def finish(self, error: BaseException | None) -> None:
-        """The ledger records how the run ended (``error``: what stopped it, if anything)."""
+        """The trackers are closed and the ledger records how the run ended (``error``: what stopped it)."""
+        try:
+            self.trackers.close()
+        except Exception as exc:  # the run folder still holds everything
+            self.log(f"trackers: could not close cleanly: {exc}")
         if not self._ledger_open:
             return
         self._ledger_open = False

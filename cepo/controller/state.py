@@ -38,6 +38,7 @@ class StepState:
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     restarts: dict[str, int] = field(default_factory=dict)  # replicas replaced during the step, by role
     probe_failures: int = 0  # replicas that failed the adapter probe before this step
+    teacher_unfit: int = 0  # rows whose teacher context was too long to score (Δ = 0 for them)
 
     @property
     def groups(self) -> list[int]:
@@ -61,6 +62,7 @@ class StepState:
             adapter_version=update.adapter.version,
             update_skipped=stats.skipped,
             probe_failures=self.probe_failures,
+            teacher_unfit_rows=self.teacher_unfit,
             replica_restarts=self.restarts,
             method=method,
             lam=self.lam,

