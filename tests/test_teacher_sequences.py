@@ -80,11 +80,18 @@ def test_paper_template_text(tokenizer):
     )
 
 
-def test_official_template_puts_answer_right_before_response(tokenizer):
+@pytest.mark.parametrize("answer", ["{a, b}", "13", "\\frac{1}{2}"])
+def test_official_template_puts_answer_right_before_response(tokenizer, answer):
+    """The published code encodes f" {answer}": the answer's tokens carry the leading space (a byte-level BPE
+    gives the space-prefixed tokens, not the bare ones) and follow the student's chat-templated prompt."""
     student = chat_prompt_ids(tokenizer, PROMPT)
-    ids = teacher_context_ids(tokenizer, PROMPT, "{a, b}", "official")
+    ids = teacher_context_ids(tokenizer, PROMPT, answer, "official")
     assert ids[: len(student)] == student
-    assert ids[len(student) :] == tokenizer.encode("{a, b}", add_special_tokens=False)
+    hint = ids[len(student) :]
+    assert hint == tokenizer.encode(" " + answer, add_special_tokens=False)
+    assert hint != tokenizer.encode(answer, add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(hint[0]).startswith("Ġ")  # the space is in the first token
+    assert tokenizer.decode(hint) == " " + answer
 
 
 @pytest.mark.parametrize("answer", ["", "   "])

@@ -7,8 +7,8 @@ positions are exactly the student's tokens (DESIGN.md, "token alignment").
 Templates (``teacher.template``):
 - ``paper`` (App. B): the user turn is the student prompt ending in ``\\boxed{}.``, then
   ``"\\nHere is a sample answer: {answer}"``; the assistant turn is the student's response.
-- ``official``: the student's own chat-templated prompt, then the answer's tokens right before the response
-  (the published code's variant).
+- ``official``: the student's own chat-templated prompt, then the tokens of ``" {answer}"`` (a leading space,
+  as the published code encodes it) right before the response (the published code's variant).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Literal
 __all__ = ["TeacherSequence", "build_teacher_sequence", "chat_prompt_ids", "teacher_context_ids"]
 
 TEACHER_HINT = "\nHere is a sample answer: {answer}"
+OFFICIAL_HINT = " {answer}"  # the published code: f" {answer}" tokenized right after the generation prompt
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def teacher_context_ids(
         return chat_prompt_ids(tokenizer, prompt + TEACHER_HINT.format(answer=answer))
     if template == "official":
         return chat_prompt_ids(tokenizer, student_prompt) + [
-            int(i) for i in tokenizer.encode(answer, add_special_tokens=False)
+            int(i) for i in tokenizer.encode(OFFICIAL_HINT.format(answer=answer), add_special_tokens=False)
         ]
     raise ValueError(f"unknown teacher template {template!r}; allowed: paper, official")
 
