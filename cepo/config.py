@@ -232,6 +232,12 @@ class TeacherConfig(_Section):
     negative: Literal["answer", "full", "prefix", "suffix"] = Field(
         "answer", description="What of the rejected rollout conditions P_T⁻ (paper: answer only)."
     )
+    negative_scope: Literal["group", "rollout"] = Field(
+        "group",
+        description="Whose wrong answer conditions P_T⁻: the group's lowest-reward rejected rollout for every "
+        "row (group, the paper), or each wrong rollout's own extracted answer (rollout; right rollouts keep "
+        "the group's r⁻).",
+    )
     max_hint_tokens: int = Field(
         512,
         ge=0,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cepo.algorithm.negatives import NegativeChoice, select_negative_answers
+from cepo.algorithm.negatives import NegativeChoice, row_negatives, select_negative_answers
 from cepo.algorithm.schedules import lambda_at
 from cepo_services.learner.schedules import lr_at
 
@@ -80,3 +80,25 @@ def test_negative_none_when_no_usable_wrong_rollout():
 def test_negative_length_mismatch_is_named():
     with pytest.raises(ValueError, match="answers has 1 entries"):
         select_negative_answers([0.0, 1.0], [0, 0], ["1"], [False, True])
+
+
+def test_row_negatives_by_scope():
+    """group: every row gets its group's r⁻ (the paper); rollout: a wrong rollout with an answer gets its own,
+    right rollouts and answerless wrong ones keep the group's."""
+    rewards = [1.0, 0.0, 0.1, 0.0, 1.0, 1.0]
+    groups = ["a", "a", "a", "a", "b", "b"]
+    answers = ["7", "4", "5", None, "2", "2"]
+    correct = [True, False, False, False, True, True]
+    chosen = select_negative_answers(rewards, groups, answers, correct)
+    r_minus = NegativeChoice(index=1, answer="4")
+    assert row_negatives("group", chosen, groups, answers, correct) == [r_minus] * 4 + [None, None]
+    assert row_negatives("rollout", chosen, groups, answers, correct) == [
+        r_minus,  # right: the group's r⁻
+        r_minus,  # its own answer is the group's r⁻ anyway
+        NegativeChoice(index=2, answer="5"),  # its own wrong answer, not the group's lowest-reward one
+        r_minus,  # no answer of its own
+        None,  # a group without a wrong answer: P_T⁻ := P_S either way
+        None,
+    ]
+    with pytest.raises(ValueError, match="negative scope must be one of group, rollout"):
+        row_negatives("batch", chosen, groups, answers, correct)

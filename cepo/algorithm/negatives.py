@@ -9,6 +9,11 @@ rejected rollouts. Rules, in order:
 3. Among the usable candidates the lowest reward wins; ties go to the first in batch order.
 4. No usable candidate → ``None``: the caller sets P_T⁻ := P_S for that group, which is RLSD exactly
    (Theorem 1 iii).
+
+Scope (``teacher.negative_scope``, :func:`row_negatives`): ``group`` (the paper) conditions every row of a
+group on the group's r⁻; ``rollout`` conditions each wrong rollout with a usable answer on its *own* answer
+(so the contrast at a wrong rollout's decisive token is between the right answer and the one it reached),
+while right rollouts, and wrong ones without an answer, keep the group's r⁻.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["NegativeChoice", "select_negative_answers"]
+__all__ = ["NEGATIVE_SCOPES", "NegativeChoice", "row_negatives", "select_negative_answers"]
+
+NEGATIVE_SCOPES = ("group", "rollout")
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,33 @@ def select_negative_answers(
         key = group_ids[i]
         chosen.setdefault(key, None)
         answer = answers[i]
-        if correct[i] or answer is None or not answer.strip():
+        if correct[i] or not _usable(answer):
             continue
         reward = float(rewards[i])
         if chosen[key] is None or reward < best_reward[key]:  # strict: ties keep the first
             chosen[key] = NegativeChoice(index=i, answer=answer)
             best_reward[key] = reward
     return chosen
+
+
+def _usable(answer: str | None) -> bool:
+    return answer is not None and bool(answer.strip())
+
+
+def row_negatives(
+    scope: str,
+    chosen: dict[Hashable, NegativeChoice | None],
+    group_ids: Sequence[Hashable],
+    answers: Sequence[str | None],
+    correct: Sequence[bool],
+) -> list[NegativeChoice | None]:
+    """r⁻ of every row: the group's choice (``chosen``, from :func:`select_negative_answers`), or with scope
+    ``rollout`` a wrong rollout's own answer where it has one."""
+    if scope not in NEGATIVE_SCOPES:
+        raise ValueError(f"negative scope must be one of {', '.join(NEGATIVE_SCOPES)}, got {scope!r}")
+    rows = [chosen[g] for g in group_ids]
+    if scope == "rollout":
+        for i, (answer, right) in enumerate(zip(answers, correct, strict=True)):
+            if not right and _usable(answer):
+                rows[i] = NegativeChoice(index=i, answer=answer)
+    return rows

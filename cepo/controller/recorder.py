@@ -220,7 +220,7 @@ class StepRecorder:
         for i in sorted(order[:limit]):
             r = ev.rollouts[i]
             g, n = r.prompt_index, len(r.response_ids)
-            choice = ev.negatives.get(g)
+            choice = ev.row_negatives[i] if ev.row_negatives else ev.negatives.get(g)
             row = {
                 "group": g,
                 "prompt": ev.prompt_texts[g],

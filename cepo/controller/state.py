@@ -30,7 +30,8 @@ class StepState:
     seq_adv: torch.Tensor | None = None
     token_adv: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    negatives: dict[int, Any] = field(default_factory=dict)
+    negatives: dict[int, Any] = field(default_factory=dict)  # group → its r⁻ choice
+    row_negatives: list[Any] = field(default_factory=list)  # row → the r⁻ that conditions its P_T⁻
     logp_pos: torch.Tensor | None = None
     logp_neg: torch.Tensor | None = None
     evidence: Any = None  # EvidenceStats of a scored step

@@ -31,7 +31,7 @@ from cepo import telemetry
 from cepo.algorithm.advantages import evidence_stats, grpo_advantages
 from cepo.algorithm.feedback import negative_text, positive_texts
 from cepo.algorithm.methods import get_method
-from cepo.algorithm.negatives import select_negative_answers
+from cepo.algorithm.negatives import row_negatives, select_negative_answers
 from cepo.algorithm.schedules import lambda_at
 from cepo.config import RunConfig, check_model_path
 from cepo.controller.cluster import distill_spec, eval_modes, train_sampling, update_settings
@@ -225,6 +225,8 @@ class Trainer:
             s.seq_adv = grpo_advantages(rewards, s.groups, eps=alg.adv_eps, scale_by_std=alg.scale_adv_by_std)
             answers = [v.answer for v in s.verdicts]
             s.negatives = select_negative_answers(s.rewards, s.groups, answers, s.correct)
+            scope = self.cfg.teacher.negative_scope
+            s.row_negatives = row_negatives(scope, s.negatives, s.groups, answers, s.correct)
             lengths = [len(r.response_ids) for r in s.rollouts]
             s.mask = torch.zeros(len(lengths), max(lengths))
             for row, length in enumerate(lengths):
@@ -251,7 +253,7 @@ class Trainer:
                 student_prompt_ids=s.prompt_ids[s.groups[i]],
                 response_ids=s.rollouts[i].response_ids,
                 positive=positives[i],
-                negative=negative_text(cfg.teacher.negative, s.negatives[s.groups[i]], ids, self.tokenizer)
+                negative=negative_text(cfg.teacher.negative, s.row_negatives[i], ids, self.tokenizer)
                 if self.method.negative_context
                 else None,  # P_T⁻ := P_S (RLSD; and CEPO's rows without a usable r⁻, Theorem 1 iii)
             )
