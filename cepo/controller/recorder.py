@@ -243,13 +243,16 @@ class StepRecorder:
             "lam": ev.lam,
             "eps_w": eps_w,
             "policy_version": policy_version,
+            "negative_scope": self.cfg.teacher.negative_scope,
+            # each group's problem (id and metadata, e.g. the arithmetic task's operands), for offline analysis
+            "problems": {str(g): {"id": p.id, "metadata": p.metadata} for g, p in enumerate(ev.problems)},
             "rollouts": rows,
         }
         folder = self.run_dir / "steps"
         folder.mkdir(exist_ok=True)
         path = folder / f"step_{ev.index:05d}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, allow_nan=False, default=float))
+        tmp.write_text(json.dumps(data, allow_nan=False, default=_plain))
         tmp.replace(path)
 
     def checkpoint(
@@ -345,3 +348,11 @@ class StepRecorder:
                 self.log(f"ledger: {self.ledger.pending} writes still queued in {self.ledger.spool_path}")
         except Exception as exc:  # the run folder still holds everything
             self.log(f"ledger: could not record the end of the run: {exc}")
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` does not know: numbers (numpy scalars) as floats, anything else as its text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
