@@ -267,14 +267,22 @@ def eval_(
 def compare(
     config: ConfigOption = None,
     set_: SetOption = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "grpo,opsd,sdpo,rlsd,cepo",
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods and variants. A variant is LABEL=METHOD:KEY=VALUE[;KEY=VALUE…] "
+            "(--set overrides, ';' between them; quote it), run into OUT/LABEL, e.g. "
+            "grpo,cepo,cepo-rollout=cepo:teacher.negative_scope=rollout."
+        ),
+    ] = "grpo,opsd,sdpo,rlsd,cepo",
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per method (1..N).")] = 3,
     steps: Annotated[
         int | None, typer.Option(min=1, help="Steps per run (default: algorithm.steps).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<name>-compare).")] = None,
 ) -> None:
-    """Train every method × seed (finished runs are kept), then write the Table-2 markdown and the figures."""
+    """Train every method × seed (finished runs are kept), then write the Table-2 markdown, the paired
+    differences from GRPO with confidence intervals, and the figures."""
     import shlex
     import sys
 

@@ -22,7 +22,7 @@ from cepo.plots import (
     plot_delta,
     plot_run,
 )
-from cepo.report import collect, table_markdown, write_report
+from cepo.report import collect, paired_interval, t_quantile, table_markdown, write_report
 from cepo.stats import auc, mean_se
 
 SUITES = ("test", "long")
@@ -41,12 +41,16 @@ def write_run(
     eval_every: int = 2,
     delta: tuple[float, float] | None = None,
     finished: bool = True,
+    label: str | None = None,
+    config_extra: str = "",
 ) -> Path:
-    """A run folder as the trainer writes it: held-out accuracy moves linearly from ``base`` to ``final``."""
-    run = root / method / f"seed{seed}"
+    """A run folder as the trainer writes it: held-out accuracy moves linearly from ``base`` to ``final``.
+    ``label``: the folder (a variant's; default the method); ``config_extra``: more config.yaml lines."""
+    run = root / (label or method) / f"seed{seed}"
     run.mkdir(parents=True)
     run.joinpath("config.yaml").write_text(
         f"name: {method}-s{seed}\nseed: {seed}\nalgorithm:\n  method: {method}\n  steps: {steps}\n"
+        + config_extra
     )
     final = final or dict.fromkeys(SUITES, 0.5)
     base = base or dict.fromkeys(SUITES, 0.2)
@@ -299,7 +303,8 @@ def test_collect_checks_summary_against_eval(out_dir):
 def test_table_markdown(out_dir):
     r = collect(out_dir, METHODS, 2)
     table = table_markdown(r)
-    main, efficiency = table.split("**Sample efficiency.**")
+    main, rest = table.split("**Paired differences from GRPO.**")
+    paired, efficiency = rest.split("**Sample efficiency.**")
     lines = main.splitlines()
     header = next(line for line in lines if line.startswith("| Method"))
     assert header == "| Method | test | long | Average | Greedy avg | AUC@2 |"
@@ -323,6 +328,9 @@ def test_table_markdown(out_dir):
     assert "| Method | step 0 | step 2 | step 4 |" in efficiency
     assert "| GRPO | 20.0 ± 0.0 | 32.5 ± 2.5 | 45.0 ± 5.0 |" in efficiency
     assert "rlsd/seed2: unfinished" in table and "sdpo/seed1: no run folder" in table
+    # paired with GRPO by seed: CEPO is 20 points ahead on both seeds, RLSD has one seed, SDPO none
+    assert "| CEPO | 2 | +20.0 [+20.0, +20.0] | +5.0 [+5.0, +5.0] |" in paired
+    assert "| RLSD | 1 | +12.0 [n/a] |" in paired and "| SDPO | 0 | — | — | — | — |" in paired
 
 
 def test_report_figures_and_files(out_dir):
@@ -386,3 +394,268 @@ def test_compare_keeps_finished_runs_and_redoes_unfinished_ones(tmp_path, monkey
         parse_methods("grpo,ppo")
     with pytest.raises(ValueError, match="twice"):
         parse_methods("grpo,grpo")
+
+
+# ------------------------------------------------------------------------ variants and paired differences
+
+
+def test_t_quantile_against_tables():
+    # two-sided 95 % critical values of Student's t (R: qt(0.975, df))
+    known = {
+        1: 12.706204736174700,
+        2: 4.302652729749460,
+        3: 3.182446305283710,
+        4: 2.776445105197790,
+        5: 2.570581835636310,
+        10: 2.228138851986270,
+        20: 2.085963447265860,
+        30: 2.042272456301240,
+        100: 1.983971518523550,
+    }
+    for df, want in known.items():
+        assert t_quantile(0.975, df) == pytest.approx(want, rel=1e-9), df
+    assert t_quantile(0.995, 5) == pytest.approx(4.032142983557536, rel=1e-9)
+    assert t_quantile(0.95, 10) == pytest.approx(1.812461122811676, rel=1e-9)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776445105197790, rel=1e-9)
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+    assert 1.959 < t_quantile(0.975, 5000) < 1.961  # tends to the normal's 1.95996
+    for q, df in ((0.0, 3), (1.0, 3), (0.9, 0), (0.9, 2.5)):
+        with pytest.raises(ValueError):
+            t_quantile(q, df)
+
+
+def test_paired_interval_by_hand():
+    r = paired_interval([1, 2, 3, 4, 5])
+    sd = math.sqrt(2.5)  # squared deviations 4+1+0+1+4 = 10, over n−1 = 4
+    half = 2.776445105197790 * sd / math.sqrt(5)  # = 1.96324…
+    assert r["n"] == 5 and r["mean"] == pytest.approx(3.0) and r["sd"] == pytest.approx(sd)
+    assert r["half_width"] == pytest.approx(half) and half == pytest.approx(1.963243, abs=1e-6)
+    assert (r["low"], r["high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
+    assert r["zero_inside"] is False
+    r = paired_interval([-1, 0.5, 2])  # mean 0.5, sd 1.5: 0.5 ± 4.3027·1.5/√3 contains 0
+    assert (
+        r["half_width"] == pytest.approx(4.302652729749460 * 1.5 / math.sqrt(3)) and r["zero_inside"] is True
+    )
+    r = paired_interval([0.04])  # one seed: no interval
+    assert r["mean"] == pytest.approx(0.04) and r["half_width"] is None and r["zero_inside"] is None
+    with pytest.raises(ValueError):
+        paired_interval([])
+
+
+ROLLOUT = {"teacher.negative_scope": "rollout"}
+ROLLOUT_VARIANT = {"method": "cepo", "overrides": ["teacher.negative_scope=rollout"], "changes": ROLLOUT}
+# final held-out averages per seed 1..3; GRPO is the baseline
+FINALS = {
+    "grpo": (0.40, 0.50, 0.45),
+    "rlsd": (0.50, 0.60, 0.56),  # +10, +10, +11 points: the interval excludes 0
+    "cepo": (0.42, 0.53, 0.50),  # +2, +3, +5: the interval contains 0
+    "cepo-rollout": (0.45, 0.55, 0.45),  # +5, +5, 0
+}
+
+
+@pytest.fixture
+def variant_dir(tmp_path) -> Path:
+    """3 seeds × grpo, rlsd, cepo, and the variant cepo-rollout (CEPO with teacher.negative_scope=rollout),
+    as `cepo train --run-dir OUT/<label>/seed<k>` leaves them (no compare.json)."""
+    for label, finals in FINALS.items():
+        for seed, acc in enumerate(finals, start=1):
+            method = "cepo" if label == "cepo-rollout" else label
+            extra = "teacher:\n  negative_scope: rollout\n" if label == "cepo-rollout" else ""
+            delta = (0.2, 0.05) if label == "cepo-rollout" else None
+            kw = {"label": label, "config_extra": extra, "delta": delta}
+            write_run(tmp_path, method, seed, final=dict.fromkeys(SUITES, acc), **kw)
+    return tmp_path
+
+
+VARIANT_ROWS = ["grpo", "rlsd", "cepo", "cepo-rollout"]
+
+
+def test_paired_differences_from_grpo(variant_dir):
+    r = collect(variant_dir, VARIANT_ROWS, 3, variants={"cepo-rollout": ROLLOUT_VARIANT})
+    assert r["variants"] == {"cepo-rollout": ROLLOUT_VARIANT} and r["horizon"] == 2
+    assert r["aggregate"]["cepo-rollout"]["seeds"] == 3 and not r["warnings"]
+    paired = r["paired"]
+    assert paired["baseline"] == "grpo" and paired["level"] == 0.95
+    assert paired["metrics"] == ["average", "auc", "delta_pos", "delta_neg"]
+    assert set(paired["rows"]) == {"rlsd", "cepo", "cepo-rollout"}
+    for label, finals in FINALS.items():
+        if label == "grpo":
+            continue
+        diffs = [a - b for a, b in zip(finals, FINALS["grpo"], strict=True)]
+        row = paired["rows"][label]
+        want = paired_interval(diffs)
+        assert row["average"]["seeds"] == [1, 2, 3] and row["average"]["diffs"] == pytest.approx(diffs)
+        for key in ("mean", "sd", "half_width", "low", "high"):
+            assert row["average"][key] == pytest.approx(want[key]), (label, key)
+        assert row["average"]["zero_inside"] is want["zero_inside"]
+        # AUC@2 of a curve from 0.2 rising linearly to the final at step 4 is 0.2 + (final − 0.2) / 4
+        assert row["auc"]["mean"] == pytest.approx(want["mean"] / 4)
+        assert row["auc"]["half_width"] == pytest.approx(want["half_width"] / 4)
+    assert paired["rows"]["rlsd"]["average"]["zero_inside"] is False
+    assert paired["rows"]["cepo"]["average"]["zero_inside"] is True
+    assert paired["rows"]["cepo"]["average"]["half_width"] == pytest.approx(
+        4.302652729749460 * math.sqrt(7 / 3) / 100 / math.sqrt(3)
+    )
+    # evidence: GRPO has no teacher (Δ fractions 0); CEPO's Δ>0 is 0.3 at every step of every seed
+    pos = paired["rows"]["cepo"]["delta_pos"]
+    assert pos["mean"] == pytest.approx(0.3) and pos["half_width"] == pytest.approx(0.0)
+    assert pos["zero_inside"] is False
+    assert paired["rows"]["cepo"]["delta_neg"]["mean"] == pytest.approx(0.1 + 0.015)  # 0.10, 0.11, 0.12, 0.13
+    assert paired["rows"]["cepo-rollout"]["delta_pos"]["mean"] == pytest.approx(0.2)
+
+    table = table_markdown(r)
+    section = table.split("**Paired differences from GRPO.**")[1].split("**Sample efficiency.**")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in section.splitlines() if line.startswith("| ")}
+    assert rows["Method"] == "| Method | Seeds | Average | AUC@2 | Δ > 0 tokens | Δ < 0 tokens |"
+    assert list(rows)[2:] == ["RLSD", "CEPO", "CEPO-ROLLOUT"]
+    assert rows["RLSD"].startswith("| RLSD | 3 | +10.3 [+8.9, +11.8] | +2.6 [+2.2, +2.9] |")
+    assert rows["CEPO"].startswith("| CEPO | 3 | +3.3 [-0.5, +7.1] not significant |")
+    assert "| +30.0 [+30.0, +30.0] |" in rows["CEPO"]
+    assert rows["CEPO-ROLLOUT"].startswith("| CEPO-ROLLOUT | 3 | +3.3 [-3.8, +10.5] not significant |")
+    assert "95 % confidence interval" in section and "n−1 degrees of freedom" in section
+    # the variant's row in Table 2 and what it is
+    assert "| CEPO-ROLLOUT | " in table.split("**Paired differences")[0]
+    assert "- CEPO-ROLLOUT (`cepo-rollout/`): CEPO with `teacher.negative_scope=rollout`" in table
+
+    # one seed: a difference, no interval
+    one = table_markdown(collect(variant_dir, VARIANT_ROWS, [2], variants={"cepo-rollout": ROLLOUT_VARIANT}))
+    assert "| RLSD | 1 | +10.0 [n/a] | +2.5 [n/a] |" in one
+    # no baseline among the rows: no paired table
+    no_base = collect(variant_dir, ["rlsd", "cepo"], 3)
+    assert no_base["paired"] is None and "Paired differences" not in table_markdown(no_base)
+    # another baseline
+    vs_cepo = collect(variant_dir, VARIANT_ROWS, 3, baseline="cepo")["paired"]
+    assert set(vs_cepo["rows"]) == {"grpo", "rlsd", "cepo-rollout"}
+    assert vs_cepo["rows"]["grpo"]["average"]["mean"] == pytest.approx(-0.1 / 3)
+
+
+def test_report_of_variant_runs_made_by_cepo_train(variant_dir):
+    """No compare.json: the variant's method comes from its runs; with one, its settings are checked."""
+    paths = write_report(variant_dir, VARIANT_ROWS, 3)
+    results = json.loads(paths["results"].read_text())
+    assert results["variants"] == {"cepo-rollout": {"method": "cepo", "overrides": None, "changes": None}}
+    assert results["paired"]["rows"]["cepo-rollout"]["average"]["n"] == 3
+    assert table_markdown(results) == paths["table"].read_text()  # rebuilt from results.json
+    assert "CEPO with settings as in its runs' config.yaml" in paths["table"].read_text()
+    assert_png(paths["figure1"])
+
+    # compare.json's variants are read when none are passed
+    record = {"command": "cepo compare", "variants": {"cepo-rollout": ROLLOUT_VARIANT}}
+    variant_dir.joinpath("compare.json").write_text(json.dumps(record))
+    assert collect(variant_dir, VARIANT_ROWS, 3)["variants"] == {"cepo-rollout": ROLLOUT_VARIANT}
+    # a run whose config.yaml contradicts the variant is refused, naming the file and the key
+    config = variant_dir / "cepo-rollout" / "seed2" / "config.yaml"
+    config.write_text(config.read_text().replace("rollout", "group"))
+    with pytest.raises(ValueError, match=r"seed2/config\.yaml: teacher\.negative_scope is 'group'"):
+        collect(variant_dir, VARIANT_ROWS, 3)
+    # a config.yaml that does not record the key (an older run) is a warning
+    config.write_text(config.read_text().replace("teacher:\n  negative_scope: group\n", ""))
+    r = collect(variant_dir, VARIANT_ROWS, 3)
+    assert any("does not record teacher.negative_scope" in w for w in r["warnings"])
+    # a run of another method in the variant's folder is refused
+    config.write_text(config.read_text().replace("method: cepo", "method: rlsd"))
+    with pytest.raises(ValueError, match=r"algorithm\.method 'rlsd', but the folder says 'cepo'"):
+        collect(variant_dir, VARIANT_ROWS, 3)
+
+
+def test_parse_methods_variants():
+    from cepo.compare import Entry, parse_methods
+
+    got = parse_methods("grpo, rlsd,cepo,cepo-rollout=cepo:teacher.negative_scope=rollout")
+    assert got == [
+        Entry("grpo", "grpo"),
+        Entry("rlsd", "rlsd"),
+        Entry("cepo", "cepo"),
+        Entry("cepo-rollout", "cepo", ("teacher.negative_scope=rollout",)),
+    ]
+    assert [e.is_variant for e in got] == [False, False, False, True]
+    # ';' between settings; commas inside brackets and quotes stay in the value
+    got = parse_methods("cepo,c2=cepo:algorithm.lambda0=0.0;data.eval_suites=[test, unseen_mix];name='a,b'")
+    assert got[1] == Entry(
+        "c2", "cepo", ("algorithm.lambda0=0.0", "data.eval_suites=[test, unseen_mix]", "name='a,b'")
+    )
+    assert parse_methods("plain=grpo") == [Entry("plain", "grpo")]
+    bad = {
+        "grpo,ppo": "unknown",
+        "grpo,grpo": "twice",
+        "x=cepo:a.b=1,x=rlsd:c.d=2": "twice",
+        "cepo:teacher.negative_scope=rollout": "no label",
+        "rlsd=cepo:teacher.negative_scope=rollout": "is a method's name",
+        "CEPO=cepo:teacher.negative_scope=rollout": "is a method's name",
+        "a/b=cepo:teacher.negative_scope=rollout": "folder name",
+        "x=ppo:teacher.negative_scope=rollout": "unknown method 'ppo'",
+        "x=cepo:teacher.negative_scope": "dotted.key=value",
+        "x=cepo:algorithm.method=rlsd": "set by the comparison",
+        "x=cepo:seed=3": "set by the comparison",
+        "x=cepo:data.seed=3": "set by the comparison",
+        "": "unknown",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            parse_methods(text)
+
+
+def test_compare_runs_a_variant_into_its_folder(tmp_path, monkeypatch):
+    import cepo.run
+    from cepo.compare import parse_methods, run_compare
+    from cepo.config import ConfigError, load_config
+
+    out = tmp_path / "cmp"
+    trained = []
+
+    def fake_train(cfg, run_dir, *, steps=None, console=None):
+        trained.append(
+            (run_dir.parent.name, cfg.algorithm.method, cfg.seed, cfg.teacher.negative_scope, cfg.name)
+        )
+        label = run_dir.parent.name
+        extra = f"teacher:\n  negative_scope: {cfg.teacher.negative_scope}\n"
+        write_run(out, cfg.algorithm.method, cfg.seed, label=label, config_extra=extra)
+
+    monkeypatch.setattr(cepo.run, "train", fake_train)
+    cfg = load_config(None, ["data.source=arithmetic"])
+    console = Console(file=io.StringIO(), width=200)
+
+    # a bad key fails before anything runs, naming the key; so does a bad value
+    for spec, message in (
+        ("grpo,x=cepo:teacher.negative_scop=rollout", "unknown key 'teacher.negative_scop'"),
+        ("grpo,x=cepo:teacher.negative_scope=nobody", "teacher.negative_scope: got 'nobody'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run_compare(cfg, out, parse_methods(spec), 2, console=console)
+        assert trained == [] and not (out / "compare.json").exists()
+
+    rows = parse_methods("grpo,cepo,cepo-rollout=cepo:teacher.negative_scope=rollout")
+    paths = run_compare(cfg, out, rows, 2, command="cepo compare …", console=console)
+    assert [t[:4] for t in trained] == [
+        ("grpo", "grpo", 1, "group"),
+        ("cepo", "cepo", 1, "group"),
+        ("cepo-rollout", "cepo", 1, "rollout"),
+        ("grpo", "grpo", 2, "group"),
+        ("cepo", "cepo", 2, "group"),
+        ("cepo-rollout", "cepo", 2, "rollout"),
+    ]
+    assert trained[2][4].endswith("-cepo-rollout-seed1")
+    record = json.loads((out / "compare.json").read_text())
+    assert record["methods"] == ["grpo", "cepo", "cepo-rollout"]
+    assert record["variants"] == {"cepo-rollout": ROLLOUT_VARIANT}
+    table = paths["table"].read_text()
+    assert "| CEPO-ROLLOUT | " in table and "**Paired differences from GRPO.**" in table
+    assert "`teacher.negative_scope=rollout`" in table
+    results = json.loads(paths["results"].read_text())
+    assert set(results["paired"]["rows"]) == {"cepo", "cepo-rollout"}
+
+    trained.clear()  # finished runs are kept; the same variant again runs nothing
+    run_compare(cfg, out, rows, 2, console=console)
+    assert trained == []
+    # the same label with other settings is refused; so is a kept run that is not what its row says
+    with pytest.raises(
+        ValueError, match=r"variant 'cepo-rollout' run as cepo with teacher\.negative_scope=rollout"
+    ):
+        run_compare(
+            cfg, out, parse_methods("cepo-rollout=cepo:teacher.negative_scope=group"), 2, console=console
+        )
+    config = out / "cepo-rollout" / "seed1" / "config.yaml"
+    config.write_text(config.read_text().replace("negative_scope: rollout", "negative_scope: group"))
+    with pytest.raises(ValueError, match="negative_scope is 'group'"):
+        run_compare(cfg, out, rows, 2, console=console)
+    assert trained == []
