@@ -62,8 +62,20 @@ def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 @config_app.command("validate")
 def config_validate(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Check a configuration; exit 2 with every problem named if it is invalid."""
+    """Check a configuration; exit 2 with every problem named if it is invalid.
+
+    Besides the keys and values, every held-out suite must exist: a built-in task's suite names, and for file
+    sources data of its own (a data.eval_paths file, a split of a saved dataset, or rows of the training
+    file's split column). Hub datasets are not asked: their split names are accepted."""
     cfg = _load(config, set_)
+    from cepo.data.loaders import check_heldout
+    from cepo.errors import DataError
+
+    try:
+        check_heldout(cfg.data)
+    except DataError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
     console.print(
         f"ok: {cfg.name} ({cfg.algorithm.method}, {cfg.algorithm.steps} steps, lr {cfg.learning_rate:g})"
     )
@@ -235,12 +247,27 @@ def eval_(
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Held-out accuracy ± standard error per suite and the average, with the paper's sampling (eval.*)."""
+    """Held-out accuracy ± standard error per suite and the average, with the paper's sampling (eval.*).
+
+    Without --config, a model folder built for a task (models/tiny-arith: arithmetic, named in its
+    manifest.json) is evaluated on that task with its shipped config's settings; any other model gets the
+    paper's defaults (Geo3k from the Hugging Face Hub, refused at once when the Hub cannot be reached)."""
     import json
 
-    from cepo.evaluate import evaluate_model
+    from cepo.evaluate import evaluate_model, task_overrides
 
     overrides = list(set_ or [])
+    if config is None and model:
+        task, inferred = task_overrides(model)
+        if task is not None:
+            console.print(
+                f"no --config: {model} was built for the {task} task (its manifest.json), so it is evaluated "
+                f"with --set {' '.join(inferred)}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+            overrides = inferred + overrides  # the command's own --set still wins
     if model:
         overrides.append(f"model.path={model}")
     if suites:

@@ -4,11 +4,26 @@ One in-process engine (vLLM by default, transformers as the fallback; the same e
 replicas, ``cepo.controller.cluster``) and one grader; the paper's sampling
 (§5: temperature 1.0, top-p 1.0, top-k 40, presence penalty 2.0) from the ``eval`` config section. Accuracy per
 suite is the mean over problems of the fraction of ``samples`` correct; its standard error is over problems.
+
+Held-out data (:func:`heldout_suites`): the built-in tasks generate each suite (arithmetic's are disjoint from
+training by text hash; reasoning_gym's suites are task names, drawn with another seed); file sources read each
+suite from ``data.eval_paths`` or from the training file's rows whose split column names it
+(:func:`cepo.data.loaders.load_heldout`), never from the training rows. Every suite is compared with the
+training problems by normalised text hash: the count is ``train_overlap`` in the results (and a warning), and
+a suite made only of training problems is refused.
+
+Without ``--config``, a model folder built for a task (``cepo bootstrap``: its ``manifest.json`` names the
+task) is evaluated on that task with the settings of its shipped config (:data:`TASK_SETTINGS`), so
+``cepo eval --model models/tiny-arith --suites test`` runs offline as written.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +34,33 @@ from cepo.stats import problem_accuracy
 from cepo_proto import Problem, Verdict
 from cepo_proto.pipeline import SamplingSpec
 
-__all__ = ["eval_problems", "evaluate_model", "heldout_accuracy"]
+__all__ = [
+    "TASK_SETTINGS",
+    "HeldOutSuite",
+    "eval_problems",
+    "evaluate_model",
+    "heldout_accuracy",
+    "heldout_suites",
+    "model_task",
+    "task_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+# What `cepo eval` without --config assumes for a model folder built for a task: the settings of that task's
+# shipped config that evaluation reads (configs/tiny.yaml for arithmetic; tests/test_eval_heldout.py keeps
+# them equal to it).
+TASK_SETTINGS: dict[str, tuple[str, ...]] = {
+    "arithmetic": (
+        "data.source=arithmetic",
+        "data.path=null",
+        "model.dtype=float32",
+        "model.max_seq_len=256",
+        "rollout.max_new_tokens=48",
+        "eval.presence_penalty=0.0",
+    ),
+}
+_TASK_VERSION = re.compile(r"^([a-z_]+)-v\d+$")  # a manifest's task_version, e.g. arithmetic-v1
 
 # (prompt ids, sampling) → per prompt, the texts of its samples
 Generate = Callable[[list[list[int]], SamplingSpec], list[list[str]]]
@@ -27,23 +68,89 @@ Generate = Callable[[list[list[int]], SamplingSpec], list[list[str]]]
 Grade = Callable[[list[str], list[str]], list[Verdict]]
 
 
-def eval_problems(cfg: RunConfig) -> dict[str, list[Problem]]:
-    """The held-out problems of each configured suite (disjoint from training by construction of the task)."""
-    suites = list(cfg.data.eval_suites)
-    if not suites:
-        return {}
-    seed = cfg.data.seed + 1
-    if cfg.data.source == "arithmetic":
+def model_task(model_path: str | Path) -> str | None:
+    """The task a model folder was built for (its ``manifest.json``'s ``task_version``, written by
+    ``cepo bootstrap``) when :data:`TASK_SETTINGS` knows it, else None."""
+    try:
+        manifest = json.loads((Path(model_path).expanduser() / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    version = manifest.get("task_version") if isinstance(manifest, dict) else None
+    match = _TASK_VERSION.match(version) if isinstance(version, str) else None
+    return match.group(1) if match and match.group(1) in TASK_SETTINGS else None
+
+
+def task_overrides(model_path: str | Path) -> tuple[str | None, list[str]]:
+    """(task, ``--set`` overrides) for evaluating a model folder built for a task without a config file."""
+    task = model_task(model_path)
+    return task, list(TASK_SETTINGS[task]) if task else []
+
+
+@dataclass(frozen=True)
+class HeldOutSuite:
+    """One held-out suite: its problems, how many of them are also training problems (by normalised text)
+    and where they came from."""
+
+    problems: list[Problem]
+    train_overlap: int
+    origin: str
+
+
+def _suite_problems(cfg: RunConfig, suite: str) -> tuple[list[Problem], str]:
+    data = cfg.data
+    seed = data.seed + 1
+    if data.source == "arithmetic":
         from cepo.tasks import arithmetic
 
-        return {s: arithmetic.generate(s, cfg.data.eval_size, seed) for s in suites}
-    if cfg.data.source == "reasoning_gym":
+        return arithmetic.generate(suite, data.eval_size, seed), f"arithmetic {suite} (seed {seed})"
+    if data.source == "reasoning_gym":
         from cepo.tasks import reasoning_gym
 
-        return {s: reasoning_gym.generate(s, cfg.data.eval_size, seed) for s in suites}
-    from cepo.data import from_config
+        return reasoning_gym.generate(suite, data.eval_size, seed), f"reasoning_gym {suite} (seed {seed})"
+    from cepo.data.loaders import load_heldout
 
-    return {s: from_config(cfg.data, split=s).problems[: cfg.data.eval_size] for s in suites}
+    result, origin = load_heldout(data, suite)
+    return result.problems[: data.eval_size], origin
+
+
+def heldout_suites(cfg: RunConfig, *, training: Sequence[Problem] | None = None) -> dict[str, HeldOutSuite]:
+    """Every configured held-out suite, compared with the training problems (``training``, else loaded from
+    ``cfg.data`` as a run would). A suite whose problems are all training problems is refused
+    (:class:`~cepo.errors.DataError`); a partial overlap is counted and logged as a warning."""
+    from cepo.data.loaders import from_config, problem_key
+    from cepo.errors import DataError
+
+    if not cfg.data.eval_suites:
+        return {}
+    loaded = {suite: _suite_problems(cfg, suite) for suite in cfg.data.eval_suites}
+    if training is None:
+        training = from_config(cfg.data).problems
+    seen = {problem_key(p.problem) for p in training}
+    suites: dict[str, HeldOutSuite] = {}
+    for suite, (problems, origin) in loaded.items():
+        overlap = sum(problem_key(p.problem) in seen for p in problems)
+        if problems and overlap == len(problems):
+            raise DataError(
+                f"data.eval_suites: suite {suite!r} ({origin}) is not held out: all {overlap} of its problems "
+                "are training problems (same normalised text); give it data of its own (data.eval_paths."
+                f"{suite}, or rows of another split)"
+            )
+        if overlap:
+            log.warning(
+                "held-out suite %r (%s): %d of its %d problems are also training problems (same normalised "
+                "text); reported as train_overlap",
+                suite,
+                origin,
+                overlap,
+                len(problems),
+            )
+        suites[suite] = HeldOutSuite(problems, overlap, origin)
+    return suites
+
+
+def eval_problems(cfg: RunConfig) -> dict[str, list[Problem]]:
+    """The held-out problems of each configured suite (see :func:`heldout_suites`)."""
+    return {name: suite.problems for name, suite in heldout_suites(cfg).items()}
 
 
 def heldout_accuracy(
@@ -76,7 +183,12 @@ def evaluate_model(
     """Evaluate ``cfg.model.path`` (+ ``adapter``) on ``cfg.data.eval_suites``; returns per-suite results."""
     from cepo.config import check_model_path
 
-    check_model_path(cfg.model.path)  # before the slow imports, and before any loader asks the Hub
+    if not cfg.data.eval_suites:
+        raise ValueError("no suites to evaluate: pass --suites or set data.eval_suites")
+    check_model_path(cfg.model.path, hub=True)  # before the slow imports, and before any loader asks the Hub
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder)")
+    suites = heldout_suites(cfg)  # data errors before the engine starts
     import os
 
     from transformers import AutoTokenizer
@@ -88,13 +200,8 @@ def evaluate_model(
     from cepo_services.verifier.grader import Grader
 
     console = console or Console(stderr=True)
-    if not cfg.data.eval_suites:
-        raise ValueError("no suites to evaluate: pass --suites or set data.eval_suites")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the results
-    suites = eval_problems(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     with console.status(f"loading {cfg.model.path} ({backend})…"):
         engine = make_engine(backend, cfg.model.path, **engine_options(cfg, backend, cfg.seed))
@@ -108,17 +215,21 @@ def evaluate_model(
     try:
         if adapter is not None:
             engine.load_adapter(AdapterPayload.from_dir(0, adapter))
-        for name, problems in suites.items():
+        for name, suite in suites.items():
+            problems = suite.problems
             prompts = [
                 chat_prompt_ids(tokenizer, cfg.data.prompt_template.format(problem=p.problem))
                 for p in problems
             ]
             modes = eval_modes(cfg, greedy=greedy)
             result = heldout_accuracy(problems, prompts, modes, generate, grader.grade_batch)
+            result["train_overlap"] = suite.train_overlap
             results[name] = result
             line = f"{name:<16} {result['sampled']:.3f} ± {result['sampled_se']:.3f}"
             if greedy:
                 line += f"   greedy {result['greedy']:.3f} ± {result['greedy_se']:.3f}"
+            if suite.train_overlap:
+                line += f"   ({suite.train_overlap} of {len(problems)} problems are also training problems)"
             console.print(line, highlight=False)
     finally:
         engine.close()

@@ -38,10 +38,10 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
 def test_overrides_parse_yaml_values():
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
-        ["learner.lr=1e-5", "rollout.top_k=40", "data.eval_suites=[a, b]", "logging.redis_url=redis://x:1/0"],
+        ["learner.lr=1e-5", "rollout.top_k=40", "data.eval_suites=[test]", "logging.redis_url=redis://x:1/0"],
     )
     assert cfg.learner.lr == 1e-5 and cfg.rollout.top_k == 40
-    assert cfg.data.eval_suites == ["a", "b"] and cfg.logging.redis_url == "redis://x:1/0"
+    assert cfg.data.eval_suites == ["test"] and cfg.logging.redis_url == "redis://x:1/0"
 
 
 def test_unknown_key_names_key_allowed_keys_and_suggestion():

@@ -516,6 +516,9 @@ def test_hub_name_that_cannot_be_fetched(monkeypatch: pytest.MonkeyPatch) -> Non
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(loaders, "hub_unreachable", lambda: None)  # the Hub answers, the load fails
     with pytest.raises(
         DataError, match=r"owner/no-such-dataset is not a local file or folder, and loading it"
     ):
@@ -580,3 +583,206 @@ def test_from_config_reasoning_gym() -> None:
     assert {p.metadata["seed"] for p in test} != {3}
     assert [p.problem for p in test] != [p.problem for p in train]
     assert from_config(config).problems == train  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits inside one file, held-out data of file sources, the Hub check
+
+
+def split_rows(n_train: int = 6, n_test: int = 3) -> list[dict[str, Any]]:
+    rows = [{"problem": f"train {i}?", "answer": str(i), "split": "train"} for i in range(n_train)]
+    return rows + [{"problem": f"test {i}?", "answer": str(i), "split": "test"} for i in range(n_test)]
+
+
+def test_split_column_selects_the_rows_of_a_split(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "all.jsonl", split_rows())
+    train = load_problems("jsonl", path)  # split "train" by default
+    assert [p.problem for p in train.problems] == [f"train {i}?" for i in range(6)]
+    assert train.splits == {"train": 6, "test": 3} and train.skipped == []
+    test = load_problems("jsonl", path, split="test")
+    assert [p.problem for p in test.problems] == ["test 0?", "test 1?", "test 2?"]
+    assert [p.metadata["row"] for p in test.problems] == [7, 8, 9]  # rows keep the file's numbering
+    assert [p.id for p in test.problems] == ["all:7", "all:8", "all:9"]
+    with pytest.raises(
+        DataError,
+        match=r"no row has split 'validation' \(column 'split' holds 'train' \(6 rows\), 'test' \(3 rows\)\)",
+    ):
+        load_problems("jsonl", path, split="validation")
+    whole = load_problems("jsonl", path, split_column=None)
+    assert len(whole.problems) == 9 and whole.splits is None
+    assert loaders.load_jsonl(path).splits is None  # no split asked for: the whole file
+
+    table = pa.table({k: [r[k] for r in split_rows()] for k in ("problem", "answer", "split")})
+    parquet = tmp_path / "all.parquet"
+    pq.write_table(table, parquet)
+    assert len(load_problems("parquet", parquet, split="test").problems) == 3
+    assert len(load_problems("hf", parquet, split="test").problems) == 3  # a single file through hf
+    assert len(load_problems("hf", path, split="test").problems) == 3
+    assert loaders.split_values("parquet", parquet) == {"train": 6, "test": 3}
+    assert loaders.split_values("jsonl", path) == {"train": 6, "test": 3}
+    assert loaders.split_values("hf", path) == {"train": 6, "test": 3}
+    assert loaders.split_values("jsonl", path, None) is None
+    plain = write_lines(tmp_path / "plain.jsonl", GOOD)
+    assert loaders.split_values("jsonl", plain) is None
+    pq.write_table(pa.table({"problem": ["p"], "answer": ["1"]}), tmp_path / "plain.parquet")
+    assert loaders.split_values("parquet", tmp_path / "plain.parquet") is None
+    file_without_split = load_problems("jsonl", plain, split="test")
+    assert len(file_without_split.problems) == 2 and file_without_split.splits is None
+
+
+def test_split_column_bad_values(tmp_path: Path) -> None:
+    rows = [
+        *split_rows(2, 1),
+        {"problem": "none?", "answer": "1"},
+        {"problem": "x?", "answer": "1", "split": 3},
+    ]
+    path = write_lines(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 5, field 'split': the split column holds 3, not a split name"):
+        load_problems("jsonl", path)
+    result = load_problems("jsonl", path, on_bad_row="skip")
+    assert [p.problem for p in result.problems] == ["train 0?", "train 1?"]
+    assert [(s.row, s.field) for s in result.skipped] == [(4, "split"), (5, "split")]
+    assert "names no split, while other rows do" in result.skipped[0].reason
+    only_missing = write_lines(
+        tmp_path / "missing.jsonl", [*split_rows(2, 1), {"problem": "n?", "answer": "1"}]
+    )
+    with pytest.raises(DataError, match=r"line 4, field 'split': names no split"):
+        load_problems("jsonl", only_missing)
+    bad_rows = write_lines(
+        tmp_path / "bad.jsonl", [{"problem": "", "answer": "1", "split": "train"}, *split_rows(0, 1)]
+    )
+    with pytest.raises(DataError, match=r"all 1 rows of split 'train' were bad and skipped"):
+        load_problems("jsonl", bad_rows, on_bad_row="skip")
+
+
+def test_problem_key_normalises_text() -> None:
+    key = loaders.problem_key
+    assert key("What is  1+1?\n") == key("what is 1+1?") == key("ＷＨＡＴ is 1+1?")
+    assert key("What is 1+1?") != key("What is 1+2?")
+
+
+def heldout_config(path: Path, **changes: Any) -> DataConfig:
+    return DataConfig(source="jsonl", path=str(path), eval_suites=["test"], **changes)
+
+
+def test_load_heldout_from_the_split_column_or_a_file(tmp_path: Path) -> None:
+    from cepo.data.loaders import check_heldout, load_heldout
+
+    path = write_lines(tmp_path / "all.jsonl", split_rows())
+    result, origin = load_heldout(heldout_config(path), "test")
+    assert [p.problem for p in result.problems] == ["test 0?", "test 1?", "test 2?"]
+    assert origin == f"{path} (split 'test')"
+    check_heldout(heldout_config(path))
+
+    plain = write_lines(tmp_path / "train.jsonl", GOOD)
+    own = write_lines(tmp_path / "test.jsonl", [{"problem": "held out?", "answer": "1"}])
+    config = heldout_config(plain, eval_paths={"test": str(own)})
+    result, origin = load_heldout(config, "test")
+    assert [p.problem for p in result.problems] == ["held out?"] and origin == str(own)
+    check_heldout(config)
+
+    # the issue: one file, no split column, no eval_paths — never the training rows
+    message = (
+        r"data.eval_suites: suite 'test' has no held-out data: data.path .*train.jsonl has no 'split' column"
+    )
+    with pytest.raises(DataError, match=message):
+        load_heldout(heldout_config(plain), "test")
+    with pytest.raises(DataError, match=message + r".*set data.eval_paths.test to the suite's own file"):
+        check_heldout(heldout_config(plain))
+    no_column = DataConfig.model_construct(**{**heldout_config(plain).model_dump(), "split_column": None})
+    with pytest.raises(DataError, match=r"is one file and data.split_column is null"):
+        load_heldout(no_column, "test")
+
+    with pytest.raises(DataError, match=r"^data.eval_paths.test: JSONL file .*nope.jsonl does not exist$"):
+        load_heldout(heldout_config(plain, eval_paths={"test": str(tmp_path / "nope.jsonl")}), "test")
+    with pytest.raises(DataError, match=r"^data.eval_paths.test: JSONL file .*nope.jsonl does not exist$"):
+        check_heldout(heldout_config(plain, eval_paths={"test": str(tmp_path / "nope.jsonl")}))
+    with pytest.raises(DataError, match=r"suite 'validation': no row of .*all.jsonl \(data.path\) has split"):
+        check_heldout(heldout_config(path).model_copy(update={"eval_suites": ["validation"]}))
+    with pytest.raises(DataError, match=r"suite 'train' is the training split \(data.split\)"):
+        load_heldout(heldout_config(path), "train")
+
+
+def test_load_heldout_hf_splits(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    from cepo.data.loaders import check_heldout, load_heldout
+
+    folder = tmp_path / "saved"
+    DatasetDict(
+        {
+            "train": Dataset.from_dict({"problem": ["a?", "b?"], "answer": ["1", "2"]}),
+            "test": Dataset.from_dict({"problem": ["c?"], "answer": ["3"]}),
+        }
+    ).save_to_disk(str(folder))
+    config = DataConfig(source="hf", path=str(folder), eval_suites=["test"])
+    check_heldout(config)
+    result, origin = load_heldout(config, "test")
+    assert [p.problem for p in result.problems] == ["c?"] and origin == f"{folder}[test]"
+    with pytest.raises(
+        DataError, match=r"suite 'validation' is not a split of the saved dataset .*: train, test"
+    ):
+        check_heldout(config.model_copy(update={"eval_suites": ["validation"]}))
+    check_heldout(DataConfig(source="hf", path="owner/name", eval_suites=["test"]))  # a Hub name: not asked
+
+
+def test_hub_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    for name in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "https_proxy",
+        "HTTPS_PROXY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loaders.hub_unreachable() == "HF_HUB_OFFLINE is set"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert loaders.hub_unreachable() is None
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the proxy is what is asked
+        assert loaders.hub_unreachable() is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    started = time.monotonic()
+    why = loaders.hub_unreachable(timeout=1.0)
+    assert why is not None and why.startswith("hub.invalid:443 ")
+    assert time.monotonic() - started < 2.0
+
+
+def test_hub_dataset_is_refused_at_once_when_the_hub_cannot_be_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datasets
+
+    calls: list[Any] = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a))
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(loaders, "hub_unreachable", lambda: "huggingface.co:443 cannot be reached (no DNS)")
+    with pytest.raises(
+        DataError,
+        match=r"^data.path 'hiyouga/geometry3k' is a dataset on the Hugging Face Hub, and huggingface.co:443 "
+        r"cannot be reached \(no DNS\): set data.path to a local file or folder, or data.source",
+    ):
+        from_config(DataConfig())  # the paper's default: Geo3k on the Hub
+    assert calls == []  # no retries: datasets was never asked
+
+    def offline(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        raise ConnectionError("Couldn't reach 'hiyouga/geometry3k' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline: the cache is tried, once
+    with pytest.raises(
+        DataError, match=r"HF_DATASETS_OFFLINE is set but it is not in the Hugging Face cache: set data"
+    ):
+        from_config(DataConfig())
+    assert len(calls) == 1

@@ -5,11 +5,16 @@ from cepo.data.loaders import (
     IMAGE_PLACEHOLDER,
     LoadResult,
     SkippedRow,
+    check_heldout,
     from_config,
+    hub_unreachable,
+    load_heldout,
     load_hf,
     load_jsonl,
     load_parquet,
     load_problems,
+    problem_key,
+    split_values,
 )
 from cepo.errors import DataError
 
@@ -19,10 +24,15 @@ __all__ = [
     "DataError",
     "LoadResult",
     "SkippedRow",
+    "check_heldout",
     "dataset_fingerprint",
     "from_config",
+    "hub_unreachable",
+    "load_heldout",
     "load_hf",
     "load_jsonl",
     "load_parquet",
     "load_problems",
+    "problem_key",
+    "split_values",
 ]

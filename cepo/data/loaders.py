@@ -11,18 +11,30 @@ Record fields: ``id`` (the source's id column, else ``<file stem>:<row>``), ``pr
 placeholders), ``answer`` (numbers become strings), ``images`` (each a file path that exists, an http(s) URL
 or a ``data:image/…;base64,…`` URI; Hugging Face ``Image`` values and raw bytes are converted) and
 ``metadata`` (where the row came from, plus the source's own ``metadata`` column under ``extra``).
+
+Splits. A Hugging Face dataset has its own splits. A JSONL or Parquet file may carry a split column
+(``split_column``, ``"split"`` by default): when any row names its split there, only the rows of the requested
+split are read (and a row that names none is bad); a file without that column is one split, taken whole.
+Held-out suites of file sources (:func:`load_heldout`) come from ``data.eval_paths`` (a file of their own) or
+from the training file's rows whose split column names the suite, never from the training rows themselves.
+A dataset name on the Hugging Face Hub is only loaded when the Hub answers (:func:`hub_unreachable`): offline
+it fails at once, naming the setting to change.
 """
 
 from __future__ import annotations
 
 import base64
 import decimal
+import functools
 import gzip
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +55,16 @@ __all__ = [
     "DataError",
     "LoadResult",
     "SkippedRow",
+    "check_heldout",
     "from_config",
+    "hub_unreachable",
+    "load_heldout",
     "load_hf",
     "load_jsonl",
     "load_parquet",
     "load_problems",
+    "problem_key",
+    "split_values",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +100,8 @@ class LoadResult:
 
     problems: list[Problem]
     skipped: list[SkippedRow] = field(default_factory=list)
+    # rows per split of a JSONL/Parquet file with a split column (None: the file has none, it is one split)
+    splits: dict[str, int] | None = None
 
     def summary(self) -> str:
         text = f"{len(self.problems)} problems"
@@ -261,6 +280,7 @@ class _Rows:
         columns: Mapping[str, str] | None,
         on_bad_row: OnBadRow,
         base_dir: Path | None,
+        split_column: str | None = None,
     ) -> None:
         if on_bad_row not in ("error", "skip"):
             raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -268,9 +288,14 @@ class _Rows:
         self.fields = _field_columns(columns)
         self.on_bad_row = on_bad_row
         self.base_dir = base_dir
+        # rows are selected by their split column only when a split is asked for
+        self.split_column = split_column if split is not None else None
         self.problems: list[Problem] = []
         self.skipped: list[SkippedRow] = []
         self.rows = 0
+        self.split_counts: dict[str, int] = {}  # rows per value of the split column
+        self.other_splits = 0  # rows of another split, left out
+        self.unsplit: list[int] = []  # rows without a split value (bad if any other row has one)
         self._ids: dict[str, int] = {}
 
     def bad(self, row: int, field: str | None, reason: str) -> None:
@@ -281,6 +306,19 @@ class _Rows:
 
     def add(self, row: int, record: Any) -> None:
         self.rows += 1
+        column = self.split_column
+        if column is not None and isinstance(record, Mapping):
+            value = record.get(column)
+            if value is None:
+                self.unsplit.append(row)
+            elif not isinstance(value, str) or not value.strip():
+                self.bad(row, column, f"the split column holds {_brief(value)}, not a split name")
+                return
+            else:
+                self.split_counts[value] = self.split_counts.get(value, 0) + 1
+                if value != self.split:
+                    self.other_splits += 1
+                    return
         try:
             problem = self._convert(row, record)
         except _BadRow as exc:
@@ -369,19 +407,52 @@ class _Rows:
     def result(self) -> LoadResult:
         if self.rows == 0:
             raise DataError(f"{self.label} holds no rows")
+        splits: dict[str, int] | None = None
+        if self.split_counts:  # a file of several splits: every row must name its own
+            splits = dict(self.split_counts)
+            loaded = {p.metadata["row"] for p in self.problems}
+            missing = [row for row in self.unsplit if row in loaded]  # the others are already bad rows
+            if missing:
+                for row in missing:
+                    self.bad(row, self.split_column, "names no split, while other rows do")
+                self.problems = [p for p in self.problems if p.metadata["row"] not in set(missing)]
+                self.skipped.sort(key=lambda s: s.row)
+            if self.split not in self.split_counts:
+                raise DataError(
+                    f"{self.label}: no row has {self.split_column} {self.split!r} "
+                    f"(column {self.split_column!r} holds {_split_list(splits)})"
+                )
+        selected = self.rows - self.other_splits
         if not self.problems:
             raise DataError(
-                f"{self.label}: all {self.rows} rows were bad and skipped (first: {self.skipped[0].describe()})"
+                f"{self.label}: all {selected} rows{self._of_split()} were bad and skipped "
+                f"(first: {self.skipped[0].describe()})"
             )
         if self.skipped:
             log.warning(
-                "%s: skipped %d bad row(s) of %d; first: %s",
+                "%s: skipped %d bad row(s) of %d%s; first: %s",
                 self.label,
                 len(self.skipped),
-                self.rows,
+                selected,
+                self._of_split(),
                 self.skipped[0].describe(),
             )
-        return LoadResult(self.problems, self.skipped)
+        return LoadResult(self.problems, self.skipped, splits)
+
+    def _of_split(self) -> str:
+        return f" of split {self.split!r}" if self.split_counts else ""
+
+
+def _brief(value: Any, limit: int = 40) -> str:
+    text = repr(value) if not isinstance(value, str) else repr(value[:limit])
+    return text if len(text) <= limit + 10 else text[: limit + 7] + "..."
+
+
+def _split_list(splits: Mapping[str, int]) -> str:
+    """``'train' (40 rows), 'test' (10 rows)``: the values of a split column, most rows first."""
+    ordered = sorted(splits.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{_brief(name)} ({count} rows)" for name, count in ordered[:8])
+    return text + (f" and {len(ordered) - 8} more" if len(ordered) > 8 else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -441,8 +512,10 @@ def load_jsonl(
     columns: Mapping[str, str] | None = None,
     on_bad_row: OnBadRow = "error",
     split: str | None = None,
+    split_column: str | None = "split",
 ) -> LoadResult:
-    """Problems from a JSON Lines file (one object per line; ``.gz`` is decompressed)."""
+    """Problems from a JSON Lines file (one object per line; ``.gz`` is decompressed). With ``split`` given,
+    a file whose rows name their split in ``split_column`` gives only the rows of ``split``."""
     path = Path(path)
     _require_file(path, "JSONL")
     rows = _Rows(
@@ -454,6 +527,7 @@ def load_jsonl(
         columns=columns,
         on_bad_row=on_bad_row,
         base_dir=path.parent,
+        split_column=split_column,
     )
     try:
         return _feed(rows, _jsonl_rows(path))
@@ -467,8 +541,10 @@ def load_parquet(
     columns: Mapping[str, str] | None = None,
     on_bad_row: OnBadRow = "error",
     split: str | None = None,
+    split_column: str | None = "split",
 ) -> LoadResult:
-    """Problems from a Parquet file (read with pyarrow, in batches)."""
+    """Problems from a Parquet file (read with pyarrow, in batches); ``split`` and ``split_column`` as for
+    :func:`load_jsonl`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -483,6 +559,7 @@ def load_parquet(
         columns=columns,
         on_bad_row=on_bad_row,
         base_dir=path.parent,
+        split_column=split_column,
     )
 
     def items() -> Iterator[tuple[int, Any]]:
@@ -498,6 +575,47 @@ def load_parquet(
         raise DataError(f"cannot read Parquet file {path}: {exc}") from None
 
 
+def _file_format(path: Path) -> Literal["jsonl", "parquet"] | None:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "jsonl" if name.endswith(_JSONL_SUFFIXES) else None
+
+
+def split_values(source: str, path: str | Path, column: str | None = "split") -> dict[str, int] | None:
+    """Rows per split named in ``column`` of a JSONL or Parquet file (or an ``hf`` source's single file), or
+    None when no row has that column (the file is one split). Rows that cannot be read are not counted; the
+    Parquet file's column alone is read."""
+    path = Path(path).expanduser()
+    kind = source if source in ("jsonl", "parquet") else _file_format(path) if path.is_file() else None
+    if kind is None or column is None:
+        return None
+    _require_file(path, "JSONL" if kind == "jsonl" else "Parquet")
+    counts: dict[str, int] = {}
+    if kind == "jsonl":
+        try:
+            for _, record in _jsonl_rows(path):
+                if isinstance(record, Mapping) and isinstance(record.get(column), str):
+                    counts[record[column]] = counts.get(record[column], 0) + 1
+        except (OSError, EOFError) as exc:
+            raise DataError(f"cannot read JSONL file {path}: {exc}") from None
+        return counts or None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        handle = pq.ParquetFile(path)
+        if column not in handle.schema_arrow.names:
+            return None
+        for batch in handle.iter_batches(batch_size=65536, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                if isinstance(value, str):
+                    counts[value] = counts.get(value, 0) + 1
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cannot read Parquet file {path}: {exc}") from None
+    return counts or None
+
+
 def _hf_rows(dataset: Any) -> Iterator[tuple[int, Any]]:
     """Rows of a ``datasets.Dataset`` in arrow storage form (images stay {"bytes", "path"}, not decoded)."""
     number = 0
@@ -507,23 +625,101 @@ def _hf_rows(dataset: Any) -> Iterator[tuple[int, Any]]:
             yield number, record
 
 
-def _hf_dataset(path: str, split: str, cache_dir: str | Path | None) -> tuple[Any, Path | None]:
-    """The ``split`` of the Hugging Face dataset at ``path`` and the folder that relative paths refer to."""
-    import datasets
+_TRUE = frozenset({"1", "ON", "YES", "TRUE"})
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_PROBE_TIMEOUT_S = 3.0
 
+
+def _offline_variable() -> str | None:
+    """The Hugging Face offline switch that is set in the environment, if any."""
+    for name in _OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().upper() in _TRUE:
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(host: str, port: int, timeout: float) -> str | None:
+    """None when a TCP connection to host:port opens within ``timeout`` seconds (name lookup included, which
+    ``socket``'s own timeout does not bound), else why not."""
+    import socket
+    import threading
+
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=connect, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{host}:{port} did not answer within {timeout:g} s"
+    return None if outcome[0] is None else f"{host}:{port} cannot be reached ({outcome[0]})"
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face Hub cannot be used now — an offline switch (``HF_HUB_OFFLINE``,
+    ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE``) is set, or its host (``HF_ENDPOINT``, through the
+    environment's https proxy if one applies) does not accept a connection within ``timeout`` seconds — or
+    None. One quick check instead of the Hugging Face libraries' retries (half a minute offline)."""
+    offline = _offline_variable()
+    if offline is not None:
+        return f"{offline} is set"
+    import urllib.parse
+    import urllib.request
+
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parsed.hostname:
+            host, port = parsed.hostname, parsed.port or 80
+    return _probe(host, port, timeout)
+
+
+def _hub_refusal(path: str, setting: str | None, why: str, *, cache_hint: bool = True) -> DataError:
+    named = f"{setting} {path!r}" if setting else repr(path)
+    return DataError(
+        f"{named} is a dataset on the Hugging Face Hub, and {why}: set {setting or 'the path'} to a local file "
+        "or folder, or data.source to a built-in task (arithmetic, reasoning_gym; e.g. -c configs/tiny.yaml)"
+        + ("; with HF_HUB_OFFLINE=1 a copy in the Hugging Face cache is used" if cache_hint else "")
+    )
+
+
+def _hf_dataset(
+    path: str, split: str, cache_dir: str | Path | None, setting: str | None = None
+) -> tuple[Any, Path | None]:
+    """The ``split`` of the Hugging Face dataset at ``path`` and the folder that relative paths refer to."""
     folder = Path(path).expanduser()
     cache = str(cache_dir) if cache_dir is not None else None
     if not folder.exists():
         if not _HUB_NAME.match(path):
             raise DataError(f"Hugging Face dataset folder {path} does not exist")
+        offline = _offline_variable()
+        if offline is None and (why := hub_unreachable()) is not None:
+            raise _hub_refusal(path, setting, why)  # at once: datasets would retry for half a minute
+        import datasets
+
         try:
             return datasets.load_dataset(path, split=split, cache_dir=cache), None
         except Exception as exc:  # offline, private, misspelt: all end here
+            if offline is not None:
+                why = f"{offline} is set but it is not in the Hugging Face cache"
+                raise _hub_refusal(path, setting, why, cache_hint=False) from None
             raise DataError(
                 f"{path} is not a local file or folder, and loading it from the Hugging Face Hub failed: "
                 f"{type(exc).__name__}: {exc} (offline: `hf download --repo-type dataset {path} --local-dir DIR` "
                 "elsewhere and point data.path at DIR)"
             ) from None
+    import datasets
+
     if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
         try:
             loaded = datasets.load_from_disk(str(folder))
@@ -562,21 +758,29 @@ def load_hf(
     columns: Mapping[str, str] | None = None,
     on_bad_row: OnBadRow = "error",
     cache_dir: str | Path | None = None,
+    split_column: str | None = "split",
+    setting: str | None = None,
 ) -> LoadResult:
     """Problems from a Hugging Face dataset: a ``save_to_disk`` folder (``Dataset`` or ``DatasetDict``), a
-    hub-style folder of parquet/jsonl files, a single parquet/jsonl file, or a Hub name (needs the network)."""
+    hub-style folder of parquet/jsonl files, a single parquet/jsonl file (read as :func:`load_parquet` /
+    :func:`load_jsonl` do, split column included), or a Hub name (needs the network; refused at once when the
+    Hub cannot be reached, naming ``setting``, the configuration key ``path`` came from)."""
     text = str(path)
     file = Path(text).expanduser()
     if file.is_file():
-        name = file.name.lower()
-        if name.endswith(".parquet"):
-            return load_parquet(file, columns=columns, on_bad_row=on_bad_row, split=split)
-        if name.endswith(_JSONL_SUFFIXES):
-            return load_jsonl(file, columns=columns, on_bad_row=on_bad_row, split=split)
+        kind = _file_format(file)
+        if kind == "parquet":
+            return load_parquet(
+                file, columns=columns, on_bad_row=on_bad_row, split=split, split_column=split_column
+            )
+        if kind == "jsonl":
+            return load_jsonl(
+                file, columns=columns, on_bad_row=on_bad_row, split=split, split_column=split_column
+            )
         raise DataError(
             f"{file}: unknown data file format (expected .parquet or .jsonl, or a dataset folder)"
         )
-    dataset, base_dir = _hf_dataset(text, split, cache_dir)
+    dataset, base_dir = _hf_dataset(text, split, cache_dir, setting)
     name = (file.resolve().name if base_dir is not None else text.replace("/", "_")) or "data"
     rows = _Rows(
         label=f"{text}[{split}]",
@@ -599,16 +803,31 @@ def load_problems(
     columns: Mapping[str, str] | None = None,
     on_bad_row: OnBadRow = "error",
     cache_dir: str | Path | None = None,
+    split_column: str | None = "split",
+    setting: str | None = None,
 ) -> LoadResult:
-    """Problems from ``path`` in format ``source`` ('jsonl', 'parquet' or 'hf')."""
+    """Problems from ``path`` in format ``source`` ('jsonl', 'parquet' or 'hf'): the rows of ``split`` (a
+    JSONL/Parquet file without ``split_column`` is one split, read whole)."""
     if path is None or not str(path):
         raise DataError(f"source {source!r} needs a path")
     if source == "jsonl":
-        return load_jsonl(path, columns=columns, on_bad_row=on_bad_row, split=split)
+        return load_jsonl(
+            path, columns=columns, on_bad_row=on_bad_row, split=split, split_column=split_column
+        )
     if source == "parquet":
-        return load_parquet(path, columns=columns, on_bad_row=on_bad_row, split=split)
+        return load_parquet(
+            path, columns=columns, on_bad_row=on_bad_row, split=split, split_column=split_column
+        )
     if source == "hf":
-        return load_hf(path, split=split, columns=columns, on_bad_row=on_bad_row, cache_dir=cache_dir)
+        return load_hf(
+            path,
+            split=split,
+            columns=columns,
+            on_bad_row=on_bad_row,
+            cache_dir=cache_dir,
+            split_column=split_column,
+            setting=setting,
+        )
     raise DataError(
         f"unknown data source {source!r} for {path}; file sources: {', '.join(FILE_SOURCES)} "
         "(generated sources 'arithmetic' and 'reasoning_gym' go through from_config)"
@@ -617,6 +836,138 @@ def load_problems(
 
 # ---------------------------------------------------------------------------------------------------------
 # From the run configuration
+
+
+def problem_key(text: str) -> str:
+    """The hash by which held-out and training problems are compared: sha256 of the text after Unicode NFKC
+    normalisation, case folding and collapsing whitespace (images are not compared)."""
+    normal = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return hashlib.sha256(normal.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _is_single_file(source: str, path: str | Path | None) -> bool:
+    """Whether ``path`` is read as one JSONL/Parquet file (whose splits are a column), not a dataset."""
+    if path is None:
+        return False
+    if source in ("jsonl", "parquet"):
+        return True
+    try:
+        file = Path(path).expanduser()
+        return source == "hf" and file.is_file() and _file_format(file) is not None
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def _no_heldout(config: DataConfig, suite: str) -> DataError:
+    column = config.split_column
+    why = (
+        f"data.path {config.path} has no {column!r} column naming its rows' splits"
+        if column
+        else f"data.path {config.path} is one file and data.split_column is null"
+    )
+    return DataError(
+        f"data.eval_suites: suite {suite!r} has no held-out data: {why}, and data.eval_paths has no entry "
+        f"{suite!r}; set data.eval_paths.{suite} to the suite's own file"
+        + (f" (or add a {column!r} column to data.path)" if column else "")
+        + " — the training file is never evaluated on"
+    )
+
+
+def load_heldout(
+    config: DataConfig, suite: str, *, cache_dir: str | Path | None = None
+) -> tuple[LoadResult, str]:
+    """The problems of held-out ``suite`` of a file source (jsonl, parquet, hf) and where they came from.
+
+    From ``config.eval_paths[suite]`` when it has an entry (read like ``data.path``; a Hugging Face dataset's
+    split ``suite``; a file with a split column: its rows of ``suite``), else from ``data.path``: a Hugging
+    Face dataset's split ``suite``, or a file's rows whose split column names ``suite``. A suite that would be
+    the training data itself — the training split, a file without a split column — is a :class:`DataError`.
+    """
+    source = config.source
+    if source not in FILE_SOURCES:
+        raise DataError(f"load_heldout reads file sources ({', '.join(FILE_SOURCES)}), not {source!r}")
+    own = suite in config.eval_paths
+    path = config.eval_paths[suite] if own else config.path
+    setting = f"data.eval_paths.{suite}" if own else "data.path"
+    if not path:
+        raise DataError(f"data.path is required when data.source is {source!r}")
+    if not own and suite == config.split:
+        raise DataError(
+            f"data.eval_suites: suite {suite!r} is the training split (data.split): name a held-out split, "
+            f"or give it a file of its own in data.eval_paths.{suite}"
+        )
+    single = _is_single_file(source, path)
+    if not own and single and config.split_column is None:
+        raise _no_heldout(config, suite)
+    try:
+        result = load_problems(
+            source,
+            path,
+            split=suite,
+            columns=config.columns,
+            on_bad_row=config.on_bad_row,
+            cache_dir=cache_dir,
+            split_column=config.split_column,
+            setting=setting,
+        )
+    except DataError as exc:
+        text = str(exc)
+        raise DataError(text if text.startswith(setting) else f"{setting}: {text}") from None
+    if not own and single and result.splits is None:
+        raise _no_heldout(config, suite)
+    where = f"{path}" + (f" ({config.split_column} {suite!r})" if result.splits is not None else "")
+    if not single:
+        where = f"{path}[{suite}]"
+    return result, where
+
+
+def check_heldout(config: DataConfig) -> None:
+    """Check, without loading the data or asking the network, that every held-out suite of a file source has
+    data of its own: an existing ``data.eval_paths`` file (whose split column, if any, names the suite), a split
+    of a saved dataset (its ``dataset_dict.json``), or rows of the training file whose split column names the
+    suite. Hub names and hub-style folders are accepted as they are (their splits are known only on load).
+    Raises :class:`DataError` naming the key and value."""
+    source = config.source
+    if source not in FILE_SOURCES:
+        return
+    for suite in config.eval_suites:
+        own = suite in config.eval_paths
+        path = config.eval_paths[suite] if own else config.path
+        setting = f"data.eval_paths.{suite}" if own else "data.path"
+        if not path:
+            continue  # data.path missing is the configuration's own error
+        if not own and suite == config.split:
+            raise DataError(f"data.eval_suites: suite {suite!r} is the training split (data.split)")
+        if _is_single_file(source, path):
+            try:
+                values = split_values(source, path, config.split_column)
+            except DataError as exc:
+                raise DataError(f"{setting}: {exc}") from None
+            if values is None:
+                if not own:
+                    raise _no_heldout(config, suite)
+            elif suite not in values:
+                raise DataError(
+                    f"data.eval_suites: suite {suite!r}: no row of {path} ({setting}) has "
+                    f"{config.split_column} {suite!r}; the column holds {_split_list(values)}"
+                )
+            continue
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            if source in ("jsonl", "parquet") or not _HUB_NAME.match(str(path)):
+                raise DataError(f"{setting}: {path} does not exist")
+            continue  # a Hub name: not asked here
+        saved = folder / "dataset_dict.json"
+        if saved.is_file():
+            try:
+                splits = json.loads(saved.read_text()).get("splits")
+            except (OSError, ValueError, AttributeError):
+                splits = None
+            if isinstance(splits, list) and suite not in splits:
+                raise DataError(
+                    f"data.eval_suites: suite {suite!r} is not a split of the saved dataset {path} ({setting}); "
+                    f"splits: {', '.join(map(str, splits))}"
+                )
 
 
 def _check_generated(problems: Any, label: str) -> list[Problem]:
@@ -664,6 +1015,8 @@ def from_config(
             columns=config.columns,
             on_bad_row=config.on_bad_row,
             cache_dir=cache_dir,
+            split_column=config.split_column,
+            setting="data.path",
         )
     if source == "arithmetic":
         try:
