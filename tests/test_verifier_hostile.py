@@ -112,10 +112,66 @@ def test_one_megabyte_strings(grader):
 
 
 def test_many_boxes(grader):
+    # A shotgun of joined boxes is wrong at once (no worker call), whatever box matches the reference; the
+    # walk back over the boxes stops after MAX_ANSWER_BOXES + 1 of them.
     response = "".join(rf"\boxed{{{i}}} " for i in range(100_000))
     verdict = timed(grader, response, "99999")
-    assert verdict.reason == "correct"
-    assert verdict.answer == "99999"
+    assert verdict.reason == "wrong_answer"
+    assert verdict.answer is not None and verdict.answer.endswith("99998, 99999")
+    # Boxes with working between them are not one answer: the last one counts.
+    response = "".join(rf"step {i}: \boxed{{{i}}}. " for i in range(100_000))
+    assert timed(grader, response, "99999").reason == "correct"
+    # The same box again and again is one answer.
+    assert timed(grader, r"\boxed{7} " * 100_000, "7").reason == "correct"
+    # Long joiner-only gaps, unclosed and empty boxes in the run: still linear, still the last box.
+    assert timed(grader, r"\boxed{1}" + " " * 1_000_000 + r"\boxed{2}", "2").reason == "correct"
+    assert timed(grader, r"\boxed{" * 100_000 + r"} \boxed{2}", "2").reason == "correct"
+    assert timed(grader, r"\boxed{} " * 100_000 + r"\boxed{2}", "2").reason == "correct"
+
+
+def test_several_boxes_with_hostile_parts(grader, raw_grader):
+    # One box of a multi-part answer is a power tower: refused by the pre-screen, or cut off by the timeout.
+    assert timed(grader, r"\boxed{1} and \boxed{9^{9^{9^{9}}}}", "1, 2").reason == "unparseable"
+    assert timed(raw_grader, r"\boxed{1} and \boxed{9^{9^{9^{9}}}}", "1, 2").reason in (
+        "timeout",
+        "unparseable",
+    )
+    assert timed(grader, r"\boxed{1} and \boxed{2}", r"\boxed{1} and \boxed{9^{9^{9^{9}}}}").reason == (
+        "bad_reference"
+    )
+    assert timed(raw_grader, r"\boxed{1} and \boxed{2}", "1, 2").reason == "correct"  # the worker recovered
+
+
+def test_rounded_reference_with_hostile_answers(grader, raw_grader):
+    reference = "0.0833333333333333"
+    assert timed(raw_grader, r"\boxed{9^{9^{9^{9}}}}", reference).correct is False
+    assert timed(grader, r"\boxed{\sin(10^{10^{4}})}", reference).correct is False
+    assert timed(grader, r"\boxed{\frac{1}{0}}", reference).correct is False
+    assert timed(grader, r"\boxed{\infty}", reference).correct is False
+    assert timed(grader, r"\boxed{\sqrt{-1}}", reference).correct is False
+    long_reference = "0." + "3" * 300  # compared exactly in this process (references up to 400 characters)
+    assert timed(grader, r"\boxed{\frac{1}{3}}", long_reference).correct is True
+    assert timed(grader, r"\boxed{\frac{1}{3}}", long_reference[:-1] + "5").correct is False
+    assert timed(grader, r"\boxed{\pi}", "3." + "1" * 300).correct is False
+    assert timed(grader, r"\boxed{\frac{1}{3}}", "1." + "0" * 300 + "e-9999").correct is False
+    assert timed(raw_grader, r"\boxed{\frac{1}{3}}", "0." + "3" * 5_000).correct is False  # not parsed
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        " cm" * 100_000,
+        r"\text{ cm}" * 50_000,
+        r"\,\mathrm{m}/" * 50_000,
+        "~" * 500_000 + r"\text{cm}",
+        r"\mathrm{e}" * 50_000,
+        "°" * 200_000,
+        r"\text{" * 100_000,
+    ],
+)
+def test_unit_and_constant_rewrites_are_linear(raw_grader, tail):
+    verdict = timed(raw_grader, rf"\boxed{{5{tail}}}", "5")
+    assert verdict.reason in ("wrong_answer", "unparseable", "timeout", "unclosed_boxed", "answer_too_long")
 
 
 @pytest.mark.parametrize("opening", ["{", "(", "[", r"\sqrt{", r"\frac{1}{"])

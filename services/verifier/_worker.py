@@ -7,9 +7,15 @@ here needs signals or timers (math-verify's own signal-based timeouts are switch
 
 Protocol: one JSON object per line on stdin, one per line on the original stdout (ASCII-only JSON, so lone
 surrogates cannot break it). First the worker writes ``{"ready": true, "pid": ...}``; then for each request
-``{"id": n, "gold": str, "pred": str}`` it answers ``{"id": n, "result": r, "detail": str}`` with ``r`` one
-of ``correct``, ``wrong_answer``, ``bad_reference``, ``unparseable``. The worker exits at end of input, and
-by itself when its parent process goes away.
+it answers ``{"id": n, "result": r, "detail": str}`` with ``r`` one of ``correct``, ``wrong_answer``,
+``bad_reference``, ``unparseable``. Requests:
+
+- ``{"id": n, "op": "grade", "gold": str, "pred": str}``, optionally with ``"rounded": str``: the gold is
+  that long decimal, which stands for any value that rounds to it at its last digit (see ``compare``);
+- ``{"id": n, "op": "grade_multi", "golds": [str], "preds": [str]}``: an answer made of several boxes, or a
+  reference made of several (see ``compare_multi``).
+
+The worker exits at end of input, and by itself when its parent process goes away.
 
 Only math-verify's LaTeX parser (ANTLR → sympy objects) sees the text; its plain-expression extractor
 (which calls sympy's ``parse_expr``, i.e. Python ``eval``) is not used, and nothing here calls
@@ -72,7 +78,15 @@ def _math_verify():
     config = LatexExtractionConfig(
         boxed_match_priority=0,
         normalization_config=NormalizationConfig(
-            basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all", equations=False
+            # units=False: math-verify's unit stripping drops any trailing \\text{...} and single letters
+            # ("2\\mathrm{e}" -> 2, "2d" -> 2, "10\\text{ thousand}" -> 10); the grader drops units itself,
+            # conservatively, before the text gets here (extract.strip_unit).
+            basic_latex=True,
+            units=False,
+            malformed_operators=True,
+            nits=True,
+            boxed="all",
+            equations=False,
         ),
     )
     return parse, verify, config
@@ -115,8 +129,86 @@ def _parse_gold(text: str) -> tuple:
     return tuple(_sympy_parse(text))
 
 
-def compare(gold: str, pred: str) -> tuple[str, str]:
-    """Grade ``pred`` against ``gold`` (both box contents). Returns (result, detail); never raises."""
+def _first_expression(parsed: list):
+    """The sympy object of a parse (math-verify returns [expression, text]); None when there is none."""
+    from sympy import Basic, MatrixBase
+
+    for item in parsed:
+        if isinstance(item, (Basic, MatrixBase)):
+            return item
+    return None
+
+
+def _contradictory(expr) -> bool:
+    """An equation chain with two unequal numbers on the sides of one ``=`` ("x = 5 = 2", "5 = 2"):
+    math-verify would take its last side as the answer."""
+    from sympy import And, Eq
+
+    relations = [expr] if isinstance(expr, Eq) else list(expr.args) if isinstance(expr, And) else []
+    for relation in relations:
+        if not (isinstance(relation, Eq) and relation.lhs.is_number and relation.rhs.is_number):
+            continue
+        if (relation.lhs - relation.rhs).is_zero is False:
+            return True
+    return False
+
+
+def _value(expr):
+    """A closed-form number from a parsed answer (an assignment ``x = v`` gives v), or None."""
+    from sympy import Eq, Expr
+
+    if isinstance(expr, Eq) and expr.lhs.is_Symbol:
+        expr = expr.rhs
+    if not isinstance(expr, Expr):
+        return None
+    try:
+        expr = expr.doit()  # a percentage is X * UnevaluatedExpr(1/100)
+    except Exception:
+        return None
+    if not isinstance(expr, Expr) or not expr.is_number:
+        return None
+    return expr
+
+
+def _agrees_at_precision(rounded: str, expr) -> bool:
+    """Whether the decimal ``rounded`` is the value of ``expr`` rounded (up or down) at the decimal's last
+    digit. A rational with a terminating decimal expansion gets no tolerance (it must be equal); a
+    non-terminating rational (1/12) is checked exactly; anything else (sqrt(17), pi, e) numerically, at
+    30 significant digits of its difference from the decimal."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from sympy import N, Rational
+
+    value = _value(expr)
+    if value is None:
+        return False
+    reference = Fraction(Decimal(rounded))
+    exponent = Decimal(rounded).as_tuple().exponent
+    if not isinstance(exponent, int) or abs(exponent) > 10_000:
+        return False
+    unit = Fraction(10) ** exponent
+    if value.is_Rational:
+        fraction = Fraction(int(value.p), int(value.q))
+        denominator = fraction.denominator
+        for prime in (2, 5):
+            while denominator % prime == 0:
+                denominator //= prime
+        return denominator != 1 and abs(fraction - reference) < unit
+    if value.is_real is False or value.is_finite is False:
+        return False
+    scaled = N((value - Rational(reference.numerator, reference.denominator)) / Rational(unit), 30)
+    if not scaled.is_real or not scaled.is_finite:
+        return False
+    return bool(abs(scaled) < 1)
+
+
+def compare(gold: str, pred: str, rounded: str | None = None) -> tuple[str, str]:
+    """Grade ``pred`` against ``gold`` (both box contents). Returns (result, detail); never raises.
+
+    With ``rounded`` (the gold written as a long decimal), a pred that math-verify finds unequal is still
+    correct when the gold is its value rounded at the gold's last digit (``_agrees_at_precision``).
+    """
     try:
         gold_parsed = list(_parse_gold(gold))
     except Exception as exc:
@@ -129,18 +221,169 @@ def compare(gold: str, pred: str) -> tuple[str, str]:
         return UNPARSEABLE, f"answer does not parse: {type(exc).__name__}"
     if not pred_parsed:
         return UNPARSEABLE, "answer does not parse"
+    try:
+        if _contradictory(_first_expression(pred_parsed)):
+            return WRONG, "contradictory equation"
+    except Exception as exc:
+        return WRONG, f"comparison failed: {type(exc).__name__}"
+    try:
+        gold_expr, pred_expr = _first_expression(gold_parsed), _first_expression(pred_parsed)
+        pred_items = _tuple_items(pred_expr) or _ordered_items(pred_expr)
+        ordered = _unlabelled_against_labelled(_ordered_items(gold_expr), pred_items)
+        if ordered is not None:  # math-verify sorts both sets: "2, 1" would pass "x = 1, y = 2"
+            return (CORRECT, "values in the order named") if ordered else (WRONG, "values in the order named")
+    except Exception as exc:
+        return WRONG, f"comparison failed: {type(exc).__name__}"
     _, verify, _ = _math_verify()
     try:
         same = verify(gold_parsed, pred_parsed, timeout_seconds=None)
+        if not same and rounded is not None and _agrees_at_precision(rounded, _first_expression(pred_parsed)):
+            return CORRECT, "agrees at the reference's precision"
     except Exception as exc:
         return WRONG, f"comparison failed: {type(exc).__name__}"
     return (CORRECT, "math-verify") if same else (WRONG, "math-verify")
 
 
+MAX_ELEMENTS = 32  # elements of a multi-part answer or reference, after sets are opened up
+
+
+def _tuple_items(expr) -> list | None:
+    """The ordered items of a tuple-like reference: a tuple, or an open interval "(1, 2)" (math-verify reads
+    a pair in parentheses as one); None for anything else."""
+    from sympy import Interval, Tuple
+
+    if isinstance(expr, Tuple):
+        return list(expr.args)
+    if isinstance(expr, Interval) and expr.left_open and expr.right_open:
+        return [expr.start, expr.end]
+    return None
+
+
+def _ordered_items(expr) -> list:
+    """The elements of a set in the order they were written (math-verify's sets keep it), else [expr]."""
+    from sympy import FiniteSet
+
+    if isinstance(expr, FiniteSet):
+        return list(getattr(expr, "_unsorted_args", None) or expr.args)
+    return [expr]
+
+
+def _labelled(elements: list) -> bool:
+    """Assignments to two or more different variables ("x = 1, y = 2"): the order of the values matters
+    when an answer gives them without their names."""
+    from sympy import Eq
+
+    if not all(isinstance(e, Eq) and e.lhs.is_Symbol for e in elements):
+        return False
+    return len({e.lhs for e in elements}) > 1
+
+
+def _unlabelled_against_labelled(gold_elements: list, pred_elements: list) -> bool | None:
+    """Bare values against "x = 1, y = 2": True/False when compared in the order written, None when the
+    rule does not apply (unlabelled reference, or the answer names its variables too)."""
+    from sympy import Eq
+
+    if not _labelled(gold_elements) or all(isinstance(p, Eq) for p in pred_elements):
+        return None
+    if len(gold_elements) != len(pred_elements):
+        return False
+    return all(_same(g, p) for g, p in zip(gold_elements, pred_elements, strict=True))
+
+
+def _same(gold, pred) -> bool:
+    _, verify, _ = _math_verify()
+    try:
+        return bool(verify([gold], [pred], timeout_seconds=None))
+    except Exception:
+        return False
+
+
+def _max_matching(edges: list[list[int]], n_right: int) -> int:
+    """Size of a maximum matching of a small bipartite graph (``edges[left]`` lists right vertices)."""
+    owner = [-1] * n_right
+
+    def augment(left: int, seen: list[bool]) -> bool:
+        for right in edges[left]:
+            if not seen[right]:
+                seen[right] = True
+                if owner[right] < 0 or augment(owner[right], seen):
+                    owner[right] = left
+                    return True
+        return False
+
+    return sum(augment(left, [False] * n_right) for left in range(len(edges)))
+
+
+def compare_multi(golds: list[str], preds: list[str]) -> tuple[str, str]:
+    """Grade an answer of several parts (boxes) against a reference of one or several parts.
+
+    - One tuple-like reference ``(a, b)`` and as many boxes as it has items: item by item, in order.
+    - A reference naming two or more variables ("x = 1, y = 2") against bare values: in the order written.
+    - Otherwise both sides are opened up into elements (a set or list "1, 2" in one box counts as its
+      elements) and compared as sets: every answer element must equal some reference element, and the
+      reference elements must be matched one-to-one by distinct answer elements. So several boxes never
+      pass a single-valued reference unless all of them equal it, a missing or extra value fails, and the
+      order does not matter.
+    """
+    gold_exprs, pred_exprs = [], []
+    for gold in golds:
+        try:
+            expr = _first_expression(list(_parse_gold(gold)))
+        except Exception as exc:
+            return BAD_REFERENCE, f"reference does not parse: {type(exc).__name__}"
+        if expr is None:
+            return BAD_REFERENCE, "reference does not parse"
+        gold_exprs.append(expr)
+    for pred in preds:
+        try:
+            expr = _first_expression(_sympy_parse(pred))
+        except Exception as exc:
+            return UNPARSEABLE, f"answer does not parse: {type(exc).__name__}"
+        if expr is None:
+            return UNPARSEABLE, "answer does not parse"
+        try:
+            if _contradictory(expr):
+                return WRONG, "contradictory equation"
+        except Exception as exc:
+            return WRONG, f"comparison failed: {type(exc).__name__}"
+        pred_exprs.append(expr)
+
+    if len(gold_exprs) == 1 and len(pred_exprs) > 1:
+        items = _tuple_items(gold_exprs[0])
+        if items is not None and len(items) == len(pred_exprs):
+            same = all(_same(g, p) for g, p in zip(items, pred_exprs, strict=True))
+            return (CORRECT, "tuple, item by item") if same else (WRONG, "tuple, item by item")
+
+    gold_elements = [e for expr in gold_exprs for e in _ordered_items(expr)]
+    pred_elements = [e for expr in pred_exprs for e in _ordered_items(expr)]
+    if len(gold_elements) > MAX_ELEMENTS or len(pred_elements) > MAX_ELEMENTS:
+        return WRONG, "too many elements"
+    ordered = _unlabelled_against_labelled(gold_elements, pred_elements)
+    if ordered is not None:
+        return (CORRECT, "values in the order named") if ordered else (WRONG, "values in the order named")
+    edges = [[j for j, g in enumerate(gold_elements) if _same(g, p)] for p in pred_elements]
+    if not all(edges):
+        return WRONG, "an answer matches no reference element"
+    if _max_matching(edges, len(gold_elements)) < len(gold_elements):
+        return WRONG, "a reference element is not matched"
+    return CORRECT, "same set of answers"
+
+
 def _handle(request: dict) -> dict:
     op = request.get("op", "grade")
     if op == "grade":
-        result, detail = compare(str(request.get("gold", "")), str(request.get("pred", "")))
+        rounded = request.get("rounded")
+        result, detail = compare(
+            str(request.get("gold", "")),
+            str(request.get("pred", "")),
+            rounded if isinstance(rounded, str) else None,
+        )
+        return {"result": result, "detail": detail}
+    if op == "grade_multi":
+        golds, preds = request.get("golds"), request.get("preds")
+        if not isinstance(golds, list) or not isinstance(preds, list) or not golds or not preds:
+            return {"result": UNPARSEABLE, "detail": "bad request"}
+        result, detail = compare_multi([str(g) for g in golds], [str(p) for p in preds])
         return {"result": result, "detail": detail}
     if op == "ping":
         return {"result": "pong", "detail": str(os.getpid())}

@@ -48,6 +48,7 @@ DEFAULT_FORMAT_WEIGHT = 0.0
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_CHARS = 100_000
 DEFAULT_MAX_ANSWER_CHARS = 1_000
+MAX_ANSWER_BOXES = extract.MAX_ANSWER_BOXES
 
 _WORKER_RESULTS = {CORRECT, WRONG_ANSWER, UNPARSEABLE, BAD_REFERENCE}
 
@@ -313,45 +314,91 @@ class Grader:
         text = extract.sanitize(response)
         if len(text) > max_chars:
             text = text[-max_chars:]  # the last box is what counts: keep the end
-        found = extract.extract_last_boxed(text)
-        if found.status != extract.OK or found.content is None:
+        found = extract.extract_final_boxes(text, MAX_ANSWER_BOXES)
+        if found.status != extract.OK or not found.contents:
             return _verdict(False, found.status, None, 0.0, w)
-        pred = found.content
+        preds = list(found.contents)
+        pred = ", ".join(preds)  # the answer as reported: one box's content, or the boxes' joined
         fmt = 1.0
         if len(pred) > self.max_answer_chars:
             return _verdict(False, ANSWER_TOO_LONG, None, fmt, w)
 
-        gold = extract.sanitize(answer).strip()
-        if extract.BOXED in gold:  # a reference written as a boxed solution: grade against its box
-            boxed = extract.extract_last_boxed(gold)
-            if boxed.status == extract.OK and boxed.content is not None:
-                gold = boxed.content
-        if not gold or len(gold) > self.max_answer_chars:
+        golds = self._reference_parts(answer)
+        if golds is None:
             return _verdict(False, BAD_REFERENCE, pred, fmt, w)
+        if found.overflow:  # a shotgun of boxes: never graded, whatever the reference
+            return _verdict(False, WRONG_ANSWER, pred, fmt, w)
+        if len(golds) == 1 and len(preds) == 1:
+            result = self._compare_one(golds[0], preds[0], timeout_s)
+        else:
+            result = self._compare_parts(golds, preds, timeout_s)
+        return _verdict(result == CORRECT, result, pred, fmt, w)
 
+    def _reference_parts(self, answer: Any) -> list[str] | None:
+        """The reference's answer: one text, or the parts of a reference written as several joined boxes;
+        None when it is unusable (empty, too long, a shotgun of boxes)."""
+        gold = extract.sanitize(answer).strip()
+        golds = [gold]
+        if extract.BOXED in gold:  # a reference written as a boxed solution: grade against its final boxes
+            boxes = extract.extract_final_boxes(gold, MAX_ANSWER_BOXES)
+            if boxes.status == extract.OK and boxes.contents:
+                if boxes.overflow:
+                    return None
+                golds = list(boxes.contents)
+        if not all(golds) or sum(len(g) for g in golds) > self.max_answer_chars:
+            return None
+        return golds
+
+    def _compare_one(self, gold_text: str, pred_text: str, timeout_s: float) -> str:
+        """One reference answer against one response answer: the verdict reason."""
+        gold, pred = extract.prepare(gold_text), extract.prepare(pred_text)
+        if extract.units_conflict(gold, pred):  # "5 m" against "5 cm": dropping the units would hide it
+            return WRONG_ANSWER
         # Fast paths, exact by construction: identical text, or two plain numbers compared as rationals.
-        gold_norm, pred_norm = extract.normalize(gold), extract.normalize(pred)
+        gold_norm, pred_norm = extract.normalize(gold.text), extract.normalize(pred.text)
         if gold_norm == pred_norm:
-            return _verdict(True, CORRECT, pred, fmt, w)
+            return CORRECT
+        rounded = extract.rounded_reference(gold_norm)
         gold_value = extract.exact_number(gold_norm)
         pred_value = extract.exact_number(pred_norm)
         if gold_value is not None and pred_value is not None:
-            same = gold_value == pred_value
-            return _verdict(same, CORRECT if same else WRONG_ANSWER, pred, fmt, w)
+            if gold_value == pred_value:
+                return CORRECT
+            # A long decimal reference stands for the values that round to it; a decimal answer must still
+            # equal it exactly (0.0833 is not 0.0833333333333333), a fraction may round to it (1/12).
+            fraction = rounded is not None and not extract.is_plain_decimal(pred_norm)
+            if fraction and extract.agrees_at_precision(rounded, pred_value):
+                return CORRECT
+            return WRONG_ANSWER
 
         if self.prescreen:
-            if extract.prescreen(gold) is not None:
-                return _verdict(False, BAD_REFERENCE, pred, fmt, w)
-            if extract.prescreen(pred) is not None:
-                return _verdict(False, UNPARSEABLE, pred, fmt, w)
+            if extract.prescreen(gold.text) is not None:
+                return BAD_REFERENCE
+            if extract.prescreen(pred.text) is not None:
+                return UNPARSEABLE
 
-        reply = self._call({"op": "grade", "gold": gold, "pred": pred}, timeout_s)
+        message: dict[str, Any] = {"op": "grade", "gold": gold.text, "pred": pred.text}
+        if rounded is not None:
+            message["rounded"] = gold_norm
+        return self._worker_result(message, timeout_s)
+
+    def _compare_parts(self, golds: list[str], preds: list[str], timeout_s: float) -> str:
+        """Several boxes on either side (see ``_worker.compare_multi``): the verdict reason."""
+        gold_texts = [extract.prepare(g).text for g in golds]
+        pred_texts = [extract.prepare(p).text for p in preds]
+        if self.prescreen:
+            if any(extract.prescreen(g) is not None for g in gold_texts):
+                return BAD_REFERENCE
+            if any(extract.prescreen(p) is not None for p in pred_texts):
+                return UNPARSEABLE
+        return self._worker_result({"op": "grade_multi", "golds": gold_texts, "preds": pred_texts}, timeout_s)
+
+    def _worker_result(self, message: dict, timeout_s: float) -> str:
+        reply = self._call(message, timeout_s)
         if reply is None:
-            return _verdict(False, TIMEOUT, pred, fmt, w)
+            return TIMEOUT
         result = reply.get("result")
-        if result not in _WORKER_RESULTS:
-            result = UNPARSEABLE
-        return _verdict(result == CORRECT, result, pred, fmt, w)
+        return result if result in _WORKER_RESULTS else UNPARSEABLE
 
     def _ready_worker(self) -> _Worker:
         worker = self._worker
