@@ -55,6 +55,7 @@ def _evaluate(
         for name, result in results.items():
             line = {"step": steps_done, "policy_version": trainer.version, "suite": name, **result}
             fh.write(json.dumps(line) + "\n")
+    trainer.recorder.record_eval(steps_done, results)  # logging.report_to: TensorBoard, W&B
     return results
 
 

@@ -318,6 +318,68 @@ def test_cli_folders(tmp_path: Path) -> None:
     assert "no runs" in buf.getvalue()
 
 
+def _write_eval(folder: Path, rows: dict[int, dict[str, float]]) -> None:
+    lines = [
+        json.dumps(
+            {"step": step, "policy_version": step, "suite": suite, "n": 16, "samples": 1, "sampled": acc}
+        )
+        for step, suites in rows.items()
+        for suite, acc in suites.items()
+    ]
+    (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_nested_run_folders_and_held_out_accuracy(tmp_path: Path) -> None:
+    """`cepo compare` nests runs (OUT/<method>/seed<k>/); finished runs show summary.json's held-out average,
+    unfinished ones the latest evaluation in eval.jsonl."""
+    root = tmp_path / "runs"
+    top = _write_run_folder(root / "tiny-20250101-120000")
+    (top / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 2,
+                "base": {"test": 0.4, "unseen_mix": 0.2, "average": 0.3},
+                "trained": {"test": 0.6, "unseen_mix": 0.4, "average": 0.5},
+                "base_greedy": {"test": 0.9, "average": 0.9},
+                "trained_greedy": {"test": 0.8, "average": 0.8},
+            }
+        )
+    )
+    nested = _write_run_folder(root / "cmp" / "cepo" / "seed0", finished=False)
+    _write_eval(nested, {0: {"test": 0.5, "unseen_mix": 0.25}, 1: {"test": 0.75, "unseen_mix": 0.25}})
+    (root / "cmp" / "table.md").write_text("| method |\n")  # the comparison's own files: not a run
+    _write_run_folder(root / ".hidden" / "x")  # hidden folders are not searched
+    (nested / "steps").mkdir()  # a run's own sub-folders are not searched either
+    (nested / "steps" / "config.yaml").write_text("name: not-a-run\n")
+
+    rows = {r["id"]: r for r in list_run_folders(root)}
+    assert set(rows) == {"tiny-20250101-120000", "cmp/cepo/seed0"}
+    assert rows["cmp/cepo/seed0"]["run_dir"] == str(nested)
+    assert rows["tiny-20250101-120000"]["heldout"] == {
+        "accuracy": 0.5,
+        "base": 0.3,
+        "greedy": 0.8,
+        "base_greedy": 0.9,
+        "step": 2,
+    }
+    held = rows["cmp/cepo/seed0"]["heldout"]
+    assert held["accuracy"] == 0.5 and held["base"] == 0.375 and held["step"] == 1 and held["greedy"] is None
+
+    console, buf = _console()
+    cli_list(None, root, 10, console)
+    out = buf.getvalue()
+    assert "held-out" in out and "cmp/cepo/seed0" in out
+    assert "0.300 → 0.500 @2" in out and "0.375 → 0.500 @1" in out
+
+    console, buf = _console()
+    cli_show("cmp/cepo/seed0", None, root, 5, console)  # a nested run's id, relative to the root
+    out = buf.getvalue()
+    assert "cmp/cepo/seed0" in out and "0.375 → 0.500 @1" in out
+    console, buf = _console()
+    cli_show("tiny-2025", None, root, 5, console)
+    assert "held-out (greedy)" in buf.getvalue() and "0.900 → 0.800 @2" in buf.getvalue()
+
+
 def test_cli_redis(redis_url: str) -> None:
     run_id = f"cli-{uuid.uuid4().hex[:10]}"
     with RunLedger(redis_url) as led:

@@ -55,6 +55,7 @@ def test_checkpoint_round_trip_and_rewind(recorder):
     assert ckpt.adapter("teacher_adapter").checksum == payload(0).checksum
     assert torch.equal(ckpt.learner_state()["model"]["w"], torch.arange(4.0))
     assert sorted(ckpt.state["files"]) == [
+        "adapter/README.md",  # the model card (no tokenizer: the default base is a Hub name not cached here)
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "learner.pt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_cepo_train_end_to_end(tiny_model_dir, tmp_path):
         sys.executable, "-m", "cepo.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
         "--steps", "3", "--run-dir", str(run_dir),
         "--set", f"model.path={tiny_model_dir}", "--set", "data.eval_size=16", "--set", "rollout.prompts_per_step=8",
+        "--set", "logging.report_to=[tensorboard]",
     ]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
@@ -40,10 +42,20 @@ def test_cepo_train_end_to_end(tiny_model_dir, tmp_path):
     }
     assert (run_dir / "config.yaml").is_file()
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    adapter = run_dir / "adapter"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("critic/score/mean")] == [1, 2, 3]  # verl's names, steps done
+    assert [e.step for e in events.Scalars("val-core/test/acc/mean@1")] == [0, 3]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "elsewhere" / "adapter"  # the run's adapter folder loads on its own
+    shutil.copytree(run_dir / "adapter", adapter)
+    assert "CEPO" in (adapter / "README.md").read_text()
+    AutoTokenizer.from_pretrained(str(adapter))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     PeftModel.from_pretrained(base, str(adapter))
 

@@ -1,20 +1,25 @@
 """The run folder as the run's record when there is no Redis ledger.
 
 :func:`list_run_folders` and :func:`read_run_folder` read ``config.yaml``, ``metrics.jsonl``,
-``checkpoints/step_NNNNN`` and ``summary.json`` into the shape of the Redis records (:mod:`cepo.ledger.store`);
-:func:`folder_steps` turns ``metrics.jsonl`` into ledger step entries.
+``checkpoints/step_NNNNN``, ``summary.json`` and ``eval.jsonl`` into the shape of the Redis records
+(:mod:`cepo.ledger.store`), plus ``heldout`` (:func:`folder_heldout`); :func:`folder_steps` turns
+``metrics.jsonl`` into ledger step entries. Run folders are found at any depth under the root
+(``runs/cmp/cepo/seed0`` from ``cepo compare``), and a run's id is its path relative to the root.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from cepo.ledger.store import LedgerError
 
-__all__ = ["folder_steps", "list_run_folders", "read_run_folder"]
+__all__ = ["find_run_folders", "folder_heldout", "folder_steps", "list_run_folders", "read_run_folder"]
+
+MAX_DEPTH = 6  # folders below the root searched for runs
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -61,7 +66,70 @@ def _load_config(folder: Path) -> dict:
     return config
 
 
-def _folder_record(folder: Path, config: dict, reports: list[dict]) -> dict:
+def _average(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _read_eval(path: Path) -> dict[int, list[dict]]:
+    """eval.jsonl by step (a torn or foreign line is skipped)."""
+    by_step: dict[int, list[dict]] = {}
+    for row in _read_metrics(path):
+        if isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool):
+            by_step.setdefault(row["step"], []).append(row)
+    return by_step
+
+
+def _suite_average(rows: list[dict], key: str) -> float | None:
+    values = [
+        float(r[key]) for r in rows if isinstance(r.get(key), int | float) and not isinstance(r[key], bool)
+    ]
+    return _average(values)
+
+
+def folder_heldout(folder: str | Path) -> dict | None:
+    """Held-out accuracy of a run folder: ``{"accuracy", "base", "greedy", "base_greedy", "step"}`` — the
+    average over the evaluated suites (sampled; greedy where evaluated) of the latest evaluation and of the
+    base policy's (step 0). From summary.json when the run finished, else from eval.jsonl; None without any."""
+    folder = Path(folder)
+    summary = None
+    if (folder / "summary.json").is_file():
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = None
+
+    def average(block: object) -> float | None:
+        if not isinstance(block, dict) or not block:
+            return None
+        value = block.get("average")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        return _average([float(v) for v in block.values() if isinstance(v, int | float)])
+
+    if isinstance(summary, dict) and average(summary.get("trained")) is not None:
+        steps = summary.get("steps")
+        return {
+            "accuracy": average(summary.get("trained")),
+            "base": average(summary.get("base")),
+            "greedy": average(summary.get("trained_greedy")),
+            "base_greedy": average(summary.get("base_greedy")),
+            "step": steps if isinstance(steps, int) else None,
+        }
+    by_step = _read_eval(folder / "eval.jsonl")
+    if not by_step:
+        return None
+    last = max(by_step)
+    base = by_step.get(0, [])
+    return {
+        "accuracy": _suite_average(by_step[last], "sampled"),
+        "base": _suite_average(base, "sampled"),
+        "greedy": _suite_average(by_step[last], "greedy"),
+        "base_greedy": _suite_average(base, "greedy"),
+        "step": last,
+    }
+
+
+def _folder_record(folder: Path, config: dict, reports: list[dict], run_id: str | None = None) -> dict:
     last = reports[-1] if reports else None
     algorithm = config.get("algorithm") if isinstance(config.get("algorithm"), dict) else {}
     summary = folder / "summary.json"
@@ -69,7 +137,7 @@ def _folder_record(folder: Path, config: dict, reports: list[dict]) -> dict:
     config_path = folder / "config.yaml"
     finished = summary.is_file()
     return {
-        "id": folder.name,
+        "id": run_id or folder.name,
         "name": config.get("name", folder.name),
         "method": algorithm.get("method", last.get("method") if last else None),
         "status": "finished" if finished else "incomplete",
@@ -81,23 +149,40 @@ def _folder_record(folder: Path, config: dict, reports: list[dict]) -> dict:
         "finished_at": summary.stat().st_mtime if finished else None,
         "error": None,
         "last_metrics": last,
+        "heldout": folder_heldout(folder),
     }
 
 
+def find_run_folders(root: str | Path = "runs", max_depth: int = MAX_DEPTH) -> list[Path]:
+    """Every folder under ``root`` (not ``root`` itself) holding a config.yaml, at most ``max_depth`` levels
+    down; a run folder's own sub-folders (checkpoints, steps, …) and hidden folders are not searched."""
+    root = Path(root)
+    found = []
+    for current, dirs, _files in os.walk(root):  # symbolic links to folders are not followed
+        here = Path(current)
+        depth = len(here.relative_to(root).parts)
+        if depth > 0 and (here / "config.yaml").is_file():
+            found.append(here)
+            dirs.clear()
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < max_depth else []
+    return found
+
+
 def list_run_folders(root: str | Path = "runs") -> list[dict]:
-    """Every sub-folder of ``root`` with a config.yaml, as ledger-shaped rows, newest first."""
+    """Every run folder under ``root`` (nested ones too), as ledger-shaped rows, newest first; a row's id is
+    the folder's path relative to ``root`` (``tiny-20250101-120000``, ``cmp/cepo/seed0``)."""
     root = Path(root)
     if not root.is_dir():
         return []
     rows = []
-    for folder in root.iterdir():
-        if not (folder / "config.yaml").is_file():
-            continue
+    for folder in find_run_folders(root):
         try:
             config = _load_config(folder)
         except LedgerError:
             config = {}
-        rows.append(_folder_record(folder, config, _read_metrics(folder / "metrics.jsonl")))
+        run_id = folder.relative_to(root).as_posix()
+        rows.append(_folder_record(folder, config, _read_metrics(folder / "metrics.jsonl"), run_id))
     return sorted(rows, key=lambda r: (r["started_at"], r["id"]), reverse=True)
 
 

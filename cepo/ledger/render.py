@@ -11,7 +11,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from cepo.ledger.folders import folder_steps, list_run_folders, read_run_folder
+from cepo.ledger.folders import folder_heldout, folder_steps, list_run_folders, read_run_folder
 from cepo.ledger.store import RunLedger, _resolve_id, mask_url
 
 __all__ = ["cli_list", "cli_show", "run_details", "runs_table"]
@@ -47,6 +47,18 @@ _STATUS_STYLE = {
 }
 
 
+def _fmt_heldout(heldout: Any) -> str:
+    """``base → latest @step`` of a row's ``heldout`` (sampled accuracy averaged over the held-out suites)."""
+    if not isinstance(heldout, dict) or heldout.get("accuracy") is None:
+        return "-"
+    text = _fmt_num(heldout["accuracy"])
+    if heldout.get("base") is not None:
+        text = f"{_fmt_num(heldout['base'])} → {text}"
+    if heldout.get("step") is not None:
+        text += f" @{heldout['step']}"
+    return text
+
+
 def runs_table(rows: list[dict]):
     """A rich Table of run rows (from :meth:`RunLedger.list_runs` or :func:`list_run_folders`)."""
     from rich.table import Table
@@ -61,6 +73,7 @@ def runs_table(rows: list[dict]):
         ("version", "right"),
         ("reward", "right"),
         ("accuracy", "right"),
+        ("held-out", "right"),
         ("started", "left"),
         ("run dir", "left"),
     ):
@@ -78,6 +91,7 @@ def runs_table(rows: list[dict]):
             _fmt_num(row.get("policy_version")),
             _fmt_num(metrics.get("reward_mean")),
             _fmt_num(metrics.get("accuracy")),
+            _fmt_heldout(row.get("heldout")),
             _fmt_time(row.get("started_at")),
             str(row.get("run_dir") or "-"),
         )
@@ -105,6 +119,16 @@ def run_details(record: dict, steps: list[dict] | None = None):
         fields.add_row(key, _fmt_num(record.get(key)))
     for key in ("started_at", "updated_at", "finished_at"):
         fields.add_row(key, _fmt_time(record.get(key)))
+    heldout = record.get("heldout")
+    if isinstance(heldout, dict) and heldout.get("accuracy") is not None:
+        fields.add_row("held-out (sampled)", _fmt_heldout(heldout))
+        if heldout.get("greedy") is not None:
+            greedy = {
+                "accuracy": heldout["greedy"],
+                "base": heldout.get("base_greedy"),
+                "step": heldout.get("step"),
+            }
+            fields.add_row("held-out (greedy)", _fmt_heldout(greedy))
     if record.get("error"):
         fields.add_row("error", Text(str(record["error"]), style="red"))
     parts.append(Panel(fields, title=f"run {record.get('id', '?')}", expand=False))
@@ -174,6 +198,8 @@ def cli_list(redis_url: str | None, root: Path, limit: int, console) -> None:
         with RunLedger(redis_url) as ledger:
             rows = ledger.list_runs(limit)
         where = f"Redis ledger {mask_url(redis_url)}"
+        for row in rows:  # held-out accuracy lives in the run folder, when it is on this machine
+            row.setdefault("heldout", _local_heldout(row.get("run_dir")))
     else:
         rows = list_run_folders(root)[: max(limit, 0)]
         where = f"run folders under {root}"
@@ -183,10 +209,21 @@ def cli_list(redis_url: str | None, root: Path, limit: int, console) -> None:
     console.print(runs_table(rows))
 
 
+def _local_heldout(run_dir: Any) -> dict | None:
+    try:
+        return folder_heldout(run_dir) if run_dir and Path(run_dir).is_dir() else None
+    except OSError:
+        return None
+
+
 def cli_show(run: str, redis_url: str | None, root: Path, steps: int, console) -> None:
     """``cepo runs show RUN``: ``run`` is a run folder path, or a run id / unique id prefix looked up in the
-    ledger (``redis_url`` set) or among the folders under ``root``. Raises LedgerError when not found."""
+    ledger (``redis_url`` set) or among the folders under ``root`` (a nested run's id is its path below
+    ``root``, e.g. ``cmp/cepo/seed0``). Raises LedgerError when not found."""
     path = Path(run)
+    nested = Path(root) / run
+    if not (path / "config.yaml").is_file() and not redis_url and (nested / "config.yaml").is_file():
+        path = nested  # a run id below the root
     if (path / "config.yaml").is_file() or "/" in run or "\\" in run:
         record = read_run_folder(path)  # a path: LedgerError naming it when it is not a run folder
         entries = folder_steps(path, steps)
@@ -194,6 +231,7 @@ def cli_show(run: str, redis_url: str | None, root: Path, steps: int, console) -
         with RunLedger(redis_url) as ledger:
             record = ledger.get_run(run)
             entries = ledger.steps(record["id"], steps) if steps > 0 else []
+        record.setdefault("heldout", _local_heldout(record.get("run_dir")))
     else:
         root = Path(root)
         ids = [row["id"] for row in list_run_folders(root)]
