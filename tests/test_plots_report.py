@@ -8,19 +8,28 @@ import math
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_hex
+from matplotlib.container import ErrorbarContainer
 from PIL import Image
 from rich.console import Console
 
 from cepo.plots import (
     FIG_DPI,
     FIG_SIZE,
+    METHOD_COLORS,
     cli_plot,
+    curves_figure,
+    delta_figure,
     evidence_note,
+    gap_note,
     load_eval,
     load_metrics,
+    method_color,
     plot_curves,
     plot_delta,
     plot_run,
+    run_figures,
+    teacher_active,
 )
 from cepo.report import collect, paired_interval, t_quantile, table_markdown, write_report
 from cepo.stats import auc, mean_se
@@ -236,6 +245,164 @@ def test_plot_run_without_eval_and_cli(tmp_path):
     assert done.exit_code == 0 and (run / "plots" / "timing.png").is_file()
     done = CliRunner().invoke(app, ["plot", "--run", str(tmp_path / "nothing")])
     assert done.exit_code == 2 and "metrics.jsonl" in done.output
+
+
+# ------------------------------------------------------------------------------ what the figures promise
+
+
+def _lines(fig, gid: str) -> list:
+    return [line for ax in fig.axes for line in ax.get_lines() if line.get_gid() == gid]
+
+
+def _line(fig, gid: str):
+    (line,) = _lines(fig, gid)
+    return line
+
+
+def _skip_teacher_from(run: Path, first: int) -> None:
+    """From step ``first`` on λ = 0: the controller skips the teacher, the step report has zero Δ fractions."""
+    rows = load_metrics(run)
+    for row in rows[first:]:
+        row.update(lam=0.0, delta_pos_frac=0.0, delta_neg_frac=0.0, weight_clip_frac=0.0)
+    run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_teacher_skipped_steps_are_gaps_not_zeros(tmp_path):
+    run = write_run(tmp_path, "cepo", 1, steps=6)
+    _skip_teacher_from(run, 3)
+    figs = run_figures(run)
+    delta, clip = figs["delta_fractions.png"], figs["clip_rate.png"]
+    for fig, gid in ((delta, "delta_pos_frac"), (delta, "delta_neg_frac"), (clip, "weight_clip_frac")):
+        line = _line(fig, gid)
+        assert list(line.get_xdata()) == list(range(6))
+        ys = list(line.get_ydata())
+        assert all(math.isfinite(y) and y > 0 for y in ys[:3]), (gid, ys)
+        assert all(math.isnan(y) for y in ys[3:]), (gid, ys)
+    # the gaps are shaded and the legend says why
+    for fig in (delta, clip):
+        labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        assert "gaps: λ = 0 at steps 3–5 (teacher skipped)" in labels
+        assert any(p.get_gid() == "teacher-skipped" for ax in fig.axes for p in ax.patches)
+    assert gap_note(load_metrics(run), "cepo") == "gaps: λ = 0 at steps 3–5 (teacher skipped)"
+    assert teacher_active(load_metrics(run), "cepo") == [True] * 3 + [False] * 3
+    # the PPO clip rate keeps its zeros-free values on its own panel, with a y range that shows them
+    ppo = _line(clip, "ppo_clip_frac")
+    assert list(ppo.get_ydata()) == [0.01] * 6
+    assert ppo.axes is not _line(clip, "weight_clip_frac").axes
+    assert ppo.axes.get_ylim()[1] == pytest.approx(1.3 * 0.01)
+
+
+@pytest.mark.parametrize("method", ["grpo", "opsd"])
+def test_a_method_without_teacher_has_no_delta_at_all(tmp_path, method):
+    run = write_run(tmp_path, method, 1, steps=4, delta=(0.0, 0.0))
+    figs = run_figures(run)
+    for fig, gid in (
+        (figs["delta_fractions.png"], "delta_pos_frac"),
+        (figs["clip_rate.png"], "weight_clip_frac"),
+    ):
+        assert all(math.isnan(y) for y in _line(fig, gid).get_ydata())
+        notes = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "note"]
+        assert any(f"no teacher evidence (method {method})" in n for n in notes), notes
+    assert teacher_active(load_metrics(run), method) == [False] * 4  # λ = 0.5 in every step: still no teacher
+
+
+def test_ppo_clip_note_with_one_optimizer_step(tmp_path):
+    run = write_run(tmp_path, "cepo", 1, steps=3)
+    rows = [dict(r, ppo_clip_frac=0.0, optimizer_steps=1) for r in load_metrics(run)]
+    run.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clip = run_figures(run)["clip_rate.png"]
+    ax = _line(clip, "ppo_clip_frac").axes
+    assert ax.get_ylim()[0] < 0.0 < ax.get_ylim()[1]  # the zero line sits above the axis, not on it
+    assert any("learner.mini_batches × ppo_epochs = 1" in t.get_text() for t in ax.texts)
+
+
+def test_train_reward_and_accuracy_both_visible_when_equal(tmp_path):
+    run = write_run(tmp_path, "cepo", 1, steps=5)
+    fig = run_figures(run)["reward_accuracy.png"]
+    reward, accuracy = _line(fig, "train:reward"), _line(fig, "train:accuracy")
+    assert list(reward.get_ydata()) == list(accuracy.get_ydata())  # a 0/1 reward: the same numbers
+    assert reward.get_linestyle() == "-" and accuracy.get_linestyle() == "--"
+    assert (
+        accuracy.get_marker() not in (None, "None", "")
+        and reward.get_linewidth() > 2 * accuracy.get_linewidth()
+    )
+    assert accuracy.get_zorder() > reward.get_zorder()
+    assert reward.get_color() != accuracy.get_color()
+    assert "(= accuracy: 0/1 reward)" in reward.get_label()
+
+
+def test_heldout_points_have_error_bars_and_are_not_joined_across_gaps(tmp_path):
+    run = write_run(tmp_path, "cepo", 1, steps=8, eval_every=2, config_extra="eval:\n  every: 2\n")
+    rows = [r for r in load_eval(run) if r["step"] not in (4, 6)]  # a gap of 6 steps in the evaluations
+    run.joinpath("eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = run_figures(run)["reward_accuracy.png"]
+    ax = _line(fig, "heldout:average:points").axes
+    labels = [c.get_label() for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert labels == ["test (sampled)", "long (sampled)", "average (sampled)"]
+    for c in ax.containers:
+        assert c.has_yerr
+        segments = c.lines[2][0].get_segments()
+        assert [seg[0][0] for seg in segments] == [0, 2, 8]  # one bar per evaluation point
+        heights = [s[1][1] - s[0][1] for s in segments]
+        se = 0.03 if c.get_label() != "average (sampled)" else math.sqrt(2 * 0.03**2) / 2
+        assert heights == pytest.approx([2 * se] * len(heights))
+    joined = _line(fig, "heldout:average:joined")
+    xs = list(joined.get_xdata())
+    assert xs[:2] == [0, 2] and math.isnan(joined.get_ydata()[2]) and xs[3:] == [8]
+    gap = _line(fig, "heldout:average:gap")
+    assert list(gap.get_xdata())[:2] == [2, 8] and gap.get_linestyle() == "--"
+
+
+def test_compare_delta_figure_gaps_where_lambda_is_zero(tmp_path):
+    for seed in (1, 2):
+        run = write_run(tmp_path, "cepo", seed, steps=6)
+        _skip_teacher_from(run, 4)
+        write_run(tmp_path, "grpo", seed, steps=6)
+    results = collect(tmp_path, ["grpo", "cepo"], [1, 2])
+    fig = delta_figure(results)
+    for key in ("pos", "neg"):
+        ys = list(_line(fig, f"delta:{key}:cepo").get_ydata())
+        assert all(math.isfinite(y) for y in ys[:4]) and all(math.isnan(y) for y in ys[4:]), ys
+    assert not _lines(fig, "delta:pos:grpo")  # no teacher: not drawn
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "gaps: teacher skipped (λ = 0), steps 4–5" in labels
+    # the run folders gone (a results.json read elsewhere): steps with both fractions exactly 0 are gaps too
+    for seed in (1, 2):
+        results["runs"]["cepo"][str(seed)]["path"] = str(tmp_path / "elsewhere")
+    ys = list(_line(delta_figure(results), "delta:pos:cepo").get_ydata())
+    assert all(math.isnan(y) for y in ys[4:])
+
+
+def test_a_method_has_one_colour_in_every_figure(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for m in ("grpo", "cepo"):
+        write_run(a, m, 1)
+    for m in ("rlsd", "cepo", "grpo"):
+        write_run(b, m, 1)
+    write_run(b, "cepo", 1, label="cepo-rollout")
+    first = collect(a, ["grpo", "cepo"], [1])
+    second = collect(b, ["cepo", "rlsd", "cepo-rollout", "grpo"], [1])  # another order, a variant
+    colours: dict[str, set[str]] = {}
+
+    def note(m: str, artist) -> None:
+        colours.setdefault(m, set()).add(to_hex(artist.get_color()))
+
+    for results in (first, second):
+        curves, delta = curves_figure(results), delta_figure(results)
+        for m in results["methods"]:
+            note(m, _line(curves, f"curve:{m}:points"))
+            note(m, _line(curves, f"curve:{m}:joined"))
+            for line in _lines(delta, f"delta:pos:{m}") + _lines(delta, f"delta:neg:{m}"):
+                note(m, line)
+    note("cepo", _line(run_figures(a / "cepo" / "seed1")["reward_accuracy.png"], "heldout:average:points"))
+    note("cepo", _line(run_figures(a / "cepo" / "seed1")["reward_accuracy.png"], "train:accuracy"))
+    for m, seen in colours.items():
+        assert seen == {method_color(m)}, (m, seen)
+    assert method_color("cepo") == METHOD_COLORS["cepo"] and method_color("CEPO") == METHOD_COLORS["cepo"]
+    # a variant label: a colour of its own, derived from the name (the same in another process)
+    variant = method_color("cepo-rollout")
+    assert variant == method_color("CEPO-ROLLOUT") and variant not in METHOD_COLORS.values()
+    assert len({method_color(f"variant-{i}") for i in range(20)}) == 20
 
 
 # ------------------------------------------------------------------------------------------------- report
