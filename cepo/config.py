@@ -66,10 +66,19 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: Literal["arithmetic", "jsonl", "parquet", "hf", "reasoning_gym"] = Field(
-        "hf", description="Where training problems come from (paper: Geo3k, a Hugging Face dataset)."
+    source: Literal["arithmetic", "jsonl", "parquet", "hf", "reasoning_gym", "python"] = Field(
+        "hf",
+        description="Where training problems come from (paper: Geo3k, a Hugging Face dataset); python: your "
+        "function, data.loader.",
     )
     path: str | None = Field("hiyouga/geometry3k", description="File or folder for jsonl/parquet/hf sources.")
+    loader: str | None = Field(
+        None,
+        description="data.source python: 'module:function', called as function(split, size) on the controller "
+        "— training: (data.split, data.size), a held-out suite: (its name, data.eval_size) — returning a list "
+        "of cepo_proto.Problem or of dicts with problem and answer (id, images, metadata optional; "
+        "data.columns maps other keys). Checked to import and be callable at load (cepo.hooks).",
+    )
     split: str = Field("train", description="Split to train on.")
     split_column: str | None = Field(
         "split",
@@ -107,11 +116,30 @@ class DataConfig(_Section):
     eval_size: int = Field(200, ge=1, description="Problems per held-out suite.")
     eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (sampled with `eval.*`).")
 
+    @field_validator("loader")
+    @classmethod
+    def _loader_callable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from cepo.hooks import resolve
+
+            resolve(value)
+        return value
+
+    @model_validator(mode="after")
+    def _loader_for_python(self) -> DataConfig:
+        if self.source == "python" and self.loader is None:
+            raise ValueError("data.source 'python' needs data.loader: 'module:function'")
+        if self.source != "python" and self.loader is not None:
+            raise ValueError(
+                f"data.loader is used with data.source 'python' only (data.source is {self.source!r})"
+            )
+        return self
+
     @field_validator("eval_paths")
     @classmethod
     def _eval_paths(cls, value: dict[str, str], info: Any) -> dict[str, str]:
         source = info.data.get("source")
-        if value and source in ("arithmetic", "reasoning_gym"):
+        if value and source in ("arithmetic", "reasoning_gym", "python"):
             raise ValueError(
                 f"data.source {source!r} generates its held-out suites; files per suite are for jsonl, "
                 "parquet and hf sources (remove data.eval_paths)"
@@ -156,6 +184,11 @@ class DataConfig(_Section):
         for suite in value:
             if suite in data["eval_paths"]:
                 continue
+            if source == "python" and suite == data["split"]:
+                raise ValueError(
+                    f"suite {_short(suite)} is the training split (data.split): name a held-out split; "
+                    "data.loader is called with each suite's name"
+                )
             if suite == data["split"]:
                 raise ValueError(
                     f"suite {_short(suite)} is the training split (data.split): name a held-out split, or give "
@@ -260,6 +293,31 @@ class VerifierConfig(_Section):
         le=1.0,
         description="Reward = (1 − w)·accuracy + w·format. Paper: accuracy only (0.0); EasyR1 style: 0.1.",
     )
+    reward_fn: str | None = Field(
+        None,
+        description="Your reward instead of the built-in grader: 'module:function', called as "
+        "function(response, reference) → float in [0, 1] or bool in each verifier replica's killable worker "
+        "process, within timeout_s; correct = reward ≥ 0.5. Checked to import and be callable at load "
+        "(cepo.hooks; README: Python API).",
+    )
+
+    @field_validator("reward_fn")
+    @classmethod
+    def _reward_callable(cls, value: str | None) -> str | None:
+        if value is not None:
+            from cepo.hooks import resolve
+
+            resolve(value)
+        return value
+
+    @model_validator(mode="after")
+    def _reward_is_whole(self) -> VerifierConfig:
+        if self.reward_fn is not None and self.format_weight != 0.0:
+            raise ValueError(
+                "verifier.format_weight must be 0 with verifier.reward_fn: the reward function gives the whole "
+                "reward (add a format term inside it)"
+            )
+        return self
 
 
 class LearnerConfig(_Section):

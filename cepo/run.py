@@ -15,7 +15,7 @@ from rich.console import Console
 
 from cepo.algorithm.methods import get_method
 from cepo.config import RunConfig
-from cepo.controller import Trainer
+from cepo.controller import RunInterrupted, Trainer
 from cepo.evaluate import eval_problems
 from cepo.plots import eval_by_step, load_eval, load_metrics
 from cepo.stats import median_stages
@@ -111,15 +111,25 @@ def train(
     console: Console | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    on_step: Callable[[StepReport], bool | None] | None = None,
 ) -> dict[str, Any]:
     """Train ``steps`` steps in all (default ``algorithm.steps``; a resumed run continues to that total),
     evaluating the held-out suites before, every ``eval.every`` steps and after (eval.jsonl); write
-    ``summary.json`` and return it."""
+    ``summary.json`` and return it.
+
+    ``on_step(report)`` is called after each step (after its console line); when it returns False the run
+    ends after that step as if it had been its last: checkpointed, evaluated and summarised."""
     console = console or Console()
     total = steps if steps is not None else cfg.algorithm.steps
-    trainer = Trainer(
-        cfg, run_dir, on_step=lambda r: console.print(_step_line(r), highlight=False), log=console.print
-    )
+    ended_early = threading.Event()
+
+    def step_done(report: StepReport) -> None:
+        console.print(_step_line(report), highlight=False)
+        if on_step is not None and on_step(report) is False:
+            ended_early.set()
+            trainer.request_stop()
+
+    trainer = Trainer(cfg, run_dir, on_step=step_done, log=console.print)
     suites = eval_problems(cfg)
     evaluated: dict[int, dict[str, dict[str, float]]] = {}  # steps done → results
 
@@ -149,7 +159,11 @@ def train(
             base = evaluated.get(0, {}) if resume else evaluate(0)  # never the resumed adapter as "base"
             every = cfg.eval.every if suites else 0
             todo = max(0, total - trainer.step_index)
-            trainer.train(todo, every=every, callback=evaluate if every else None)
+            try:
+                trainer.train(todo, every=every, callback=evaluate if every else None)
+            except RunInterrupted:
+                if not ended_early.is_set():
+                    raise
             trained = evaluate(trainer.step_index)  # already done when the last step was an evaluation step
     except BaseException as exc:
         error = exc

@@ -78,6 +78,7 @@ class ServicePools:
     def __init__(self, cfg: RunConfig, *, with_teacher: bool) -> None:
         import ray
 
+        from cepo.hooks import import_path
         from cepo_services.learner.distributed import LearnerGroup
         from cepo_services.rollout.replica import RolloutReplica
         from cepo_services.teacher.replica import TeacherReplica
@@ -87,6 +88,8 @@ class ServicePools:
         start_ray(cfg)
         res, v = cfg.resources, cfg.verifier
         replica = {"num_cpus": res.cpus_per_replica, "num_gpus": res.gpus_per_replica}
+        # verifier.reward_fn is imported in each verifier's worker with this process's import path (cepo.hooks)
+        reward_path = import_path() if v.reward_fn is not None else None
 
         def engine(cls: type, backend: str, seed: int, name: str) -> Any:
             options = engine_options(cfg, backend, seed, role=cls.service)
@@ -97,7 +100,12 @@ class ServicePools:
             "rollout": lambda name, i: engine(RolloutReplica, cfg.rollout.backend, cfg.seed + i, name),
             "teacher": lambda name, i: engine(TeacherReplica, cfg.teacher.backend, cfg.seed + 100 + i, name),
             "verifier": lambda name, i: ray.remote(num_cpus=1)(VerifierReplica).remote(
-                name, format_weight=v.format_weight, timeout_s=v.timeout_s, max_chars=v.max_response_chars
+                name,
+                format_weight=v.format_weight,
+                timeout_s=v.timeout_s,
+                max_chars=v.max_response_chars,
+                reward_fn=v.reward_fn,
+                reward_path=reward_path,
             ),
         }
         counts = {

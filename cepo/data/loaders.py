@@ -19,6 +19,10 @@ Held-out suites of file sources (:func:`load_heldout`) come from ``data.eval_pat
 from the training file's rows whose split column names the suite, never from the training rows themselves.
 A dataset name on the Hugging Face Hub is only loaded when the Hub answers (:func:`hub_unreachable`): offline
 it fails at once, naming the setting to change.
+
+Your own source (``data.source: python``, :func:`load_python`): ``data.loader`` names a function called with a
+split name and a size that returns a list of :class:`cepo_proto.Problem` records or of rows (dicts), the rows
+checked like a file's (row numbers from 1; ``id`` defaults to ``<split>:<row>``).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ __all__ = [
     "load_jsonl",
     "load_parquet",
     "load_problems",
+    "load_python",
     "problem_key",
     "split_values",
 ]
@@ -884,6 +889,11 @@ def load_heldout(
     the training data itself — the training split, a file without a split column — is a :class:`DataError`.
     """
     source = config.source
+    if source == "python" and config.loader:
+        result = load_python(
+            config.loader, suite, config.eval_size, columns=config.columns, on_bad_row=config.on_bad_row
+        )
+        return result, f"{config.loader}({suite!r}, {config.eval_size})"
     if source not in FILE_SOURCES:
         raise DataError(f"load_heldout reads file sources ({', '.join(FILE_SOURCES)}), not {source!r}")
     own = suite in config.eval_paths
@@ -970,6 +980,73 @@ def check_heldout(config: DataConfig) -> None:
                 )
 
 
+def load_python(
+    target: str,
+    split: str,
+    size: int,
+    *,
+    columns: Mapping[str, str] | None = None,
+    on_bad_row: OnBadRow = "error",
+    setting: str = "data.loader",
+) -> LoadResult:
+    """The problems ``target`` ("module:function", see :mod:`cepo.hooks`) returns for ``function(split, size)``.
+
+    It must return a list (or another iterable) whose items are :class:`cepo_proto.Problem` records, kept as
+    they are, or rows: dicts with ``problem`` and ``answer`` (``id``, ``images``, ``metadata`` optional;
+    ``columns`` maps other keys onto them), checked like a file's rows — a bad one stops the load naming the
+    row (counted from 1) and field, or with ``on_bad_row="skip"`` is left out. Ids must be unique; a row
+    without one gets ``<split>:<row>``. ``size`` is what the caller wants (``data.size`` for training,
+    ``data.eval_size`` for a held-out suite, which is cut to it); the function may return fewer or more.
+    """
+    from cepo.hooks import resolve
+
+    label = f"{setting} {target} (split {split!r})"
+    try:
+        function = resolve(target)
+    except ValueError as exc:
+        raise DataError(f"{setting}: {exc}") from None
+    try:
+        items = function(split, size)
+    except Exception as exc:
+        raise DataError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+    expected = "a list of cepo_proto.Problem or of dicts with 'problem' and 'answer'"
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise DataError(f"{label} returned {type(items).__name__}, not {expected}")
+    rows = _Rows(
+        label=label,
+        id_stem=split,
+        unit="row",
+        source="python",
+        split=split,  # recorded in each problem's metadata; no rows are selected by a column
+        columns=columns,
+        on_bad_row=on_bad_row,
+        base_dir=None,
+        split_column=None,
+    )
+    try:
+        for row, item in enumerate(items, start=1):
+            if isinstance(item, Problem):
+                rows.rows += 1
+                first = rows._ids.get(item.id)
+                if first is not None:
+                    rows.bad(row, "id", f"duplicate id {item.id!r} (first seen at row {first})")
+                    continue
+                rows._ids[item.id] = row
+                rows.problems.append(item)
+            elif isinstance(item, Mapping):
+                rows.add(row, item)
+            else:
+                rows.rows += 1
+                rows.bad(row, None, f"a {type(item).__name__}, not a cepo_proto.Problem or a dict")
+    except DataError:
+        raise
+    except Exception as exc:  # a generator that fails part-way
+        raise DataError(f"{label}: iterating its result raised {type(exc).__name__}: {exc}") from exc
+    if rows.rows == 0:
+        raise DataError(f"{label} returned no problems")
+    return rows.result()
+
+
 def _check_generated(problems: Any, label: str) -> list[Problem]:
     if not isinstance(problems, list) or not all(isinstance(p, Problem) for p in problems):
         raise DataError(f"{label} did not return a list of Problem records")
@@ -999,7 +1076,8 @@ def from_config(
 
     ``split`` overrides ``config.split`` (e.g. for evaluation). ``arithmetic`` calls
     ``cepo.tasks.arithmetic.generate(split, size, seed)``; ``reasoning_gym`` splits ``size`` over
-    ``config.tasks`` and generates with ``config.seed`` for 'train' (a seed derived from it for other splits).
+    ``config.tasks`` and generates with ``config.seed`` for 'train' (a seed derived from it for other splits);
+    ``python`` calls ``data.loader`` with (split, ``config.size``) (:func:`load_python`).
     """
     import importlib
 
@@ -1034,6 +1112,12 @@ def from_config(
         )
         problems = [p.model_copy(update={"metadata": {**p.metadata, "split": split}}) for p in problems]
         return LoadResult(_check_generated(problems, "reasoning_gym"))
+    if source == "python":
+        if not config.loader:
+            raise DataError("data.loader is required when data.source is 'python'")
+        return load_python(
+            config.loader, split, config.size, columns=config.columns, on_bad_row=config.on_bad_row
+        )
     raise DataError(
-        f"unknown data source {source!r}; sources: arithmetic, {', '.join(FILE_SOURCES)}, reasoning_gym"
+        f"unknown data source {source!r}; sources: arithmetic, {', '.join(FILE_SOURCES)}, reasoning_gym, python"
     )

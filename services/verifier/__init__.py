@@ -5,6 +5,7 @@ Public API::
     grade(response, answer, *, format_weight=0.0, timeout_s=5.0, max_chars=100_000) -> cepo_proto.Verdict
     grade_batch(responses, answers, **same options) -> list[cepo_proto.Verdict]
     Grader(**options)            # owns the worker process; .grade, .grade_batch, .close, context manager
+    Grader(reward_fn="module:function")   # the user's reward instead of the rules below (see the end)
     extract_last_boxed(text)     # the pure extractor
 
 How an answer is graded:
@@ -73,15 +74,30 @@ Verdict reasons:
 - ``timeout``: grading it took longer than ``timeout_s``.
 - ``bad_reference``: the reference answer itself is empty, too long or unparseable.
 
+- ``bad_reward``, ``reward_error``: only with a custom reward function (below).
+
 ``answer`` is None for ``no_boxed``, ``unclosed_boxed``, ``empty_boxed`` and ``answer_too_long``, and the
 extracted answer otherwise (the parts of an answer of several boxes joined by ", "). The grader never raises on input text; it raises ``ValueError`` for bad option
 values (naming the option) and :class:`WorkerStartError` if the worker process cannot start at all.
+
+Custom reward (``Grader(reward_fn="module:function")``; ``verifier.reward_fn`` in a run's config): the function
+replaces steps 2–8. It is called as ``function(response, reference)`` — the response sanitised and cut to its
+last ``max_chars`` characters as in step 1, the reference answer as a string — in the worker process, imported
+there with ``reward_path`` in front of ``sys.path`` (default: the caller's ``sys.path``), under the same
+``timeout_s`` and memory limit as math-verify. It returns a float in [0, 1] or a bool (1.0 / 0.0). The
+verdict's reward is that value and ``correct`` is reward ≥ 0.5 (reason ``correct`` or ``wrong_answer``);
+``answer`` is still the final boxed answer (step 2) or None. A call that runs over ``timeout_s`` is
+``timeout`` (the worker is killed and replaced), one that raises or kills its worker is ``reward_error``, one
+that returns a non-number, NaN or a value outside [0, 1] is ``bad_reward``; all three with reward 0, the
+details in ``Grader.reward_problems`` and logged once each. A function that cannot be imported in the worker
+is :class:`RewardLoadError` (a :class:`WorkerStartError`) on the first call. ``format_weight`` must be 0.
 """
 
 from cepo_services.verifier.extract import extract_last_boxed
 from cepo_services.verifier.grader import (
     REASONS,
     Grader,
+    RewardLoadError,
     WorkerStartError,
     default_grader,
     grade,
@@ -91,6 +107,7 @@ from cepo_services.verifier.grader import (
 __all__ = [
     "REASONS",
     "Grader",
+    "RewardLoadError",
     "WorkerStartError",
     "default_grader",
     "extract_last_boxed",

@@ -14,18 +14,27 @@ it answers ``{"id": n, "result": r, "detail": str}`` with ``r`` one of ``correct
   that long decimal, which stands for any value that rounds to it at its last digit (see ``compare``);
 - ``{"id": n, "op": "grade_multi", "golds": [str], "preds": [str]}``: an answer made of several boxes, or a
   reference made of several (see ``compare_multi``).
+- ``{"id": n, "op": "reward", "response": str, "reference": str}``: the user's reward function (started as
+  ``python -I _worker.py MEMORY_MB REWARD_JSON`` with ``{"target": "module:function", "path": [folders]}``:
+  ``path`` goes in front of ``sys.path``, the function is imported before ``ready``, and math-verify is not
+  loaded). The answer is ``{"result": "reward", "reward": r}`` with r a finite float in [0, 1] (a bool is
+  1.0 / 0.0), or ``bad_reward`` (it returned something else) or ``reward_error`` (it raised), with a detail.
+  When the function cannot be imported the worker answers ``{"ready": false, "error": str}`` and exits.
 
 The worker exits at end of input, and by itself when its parent process goes away.
 
 Only math-verify's LaTeX parser (ANTLR → sympy objects) sees the text; its plain-expression extractor
 (which calls sympy's ``parse_expr``, i.e. Python ``eval``) is not used, and nothing here calls
-``sympify``/``eval`` on text.
+``sympify``/``eval`` on text. The user's reward function is the user's own code and runs as it is, under the
+same memory limit and the parent's time bound.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import sys
 import threading
@@ -36,6 +45,9 @@ CORRECT = "correct"
 WRONG = "wrong_answer"
 BAD_REFERENCE = "bad_reference"
 UNPARSEABLE = "unparseable"
+REWARD = "reward"
+BAD_REWARD = "bad_reward"
+REWARD_ERROR = "reward_error"
 
 
 def _limit_memory(megabytes: int) -> None:
@@ -369,6 +381,83 @@ def compare_multi(golds: list[str], preds: list[str]) -> tuple[str, str]:
     return CORRECT, "same set of answers"
 
 
+# ---- the user's reward function ------------------------------------------------------------------------
+
+_reward_fn = None  # set by main() when the worker is started for a reward function
+_DETAIL_CHARS = 300
+
+
+def _brief(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
+
+
+def load_reward(spec: dict):
+    """Import ``spec["target"]`` ("module:function", the function may be a dotted attribute path) with the
+    folders of ``spec["path"]`` in front of ``sys.path``; the callable, or ImportError/TypeError saying why."""
+    import importlib
+
+    path = [str(p) for p in spec.get("path") or []]
+    sys.path[:] = path + [p for p in sys.path if p not in path]
+    target = str(spec.get("target", ""))
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ImportError(f"{target!r} is not of the form 'module:function'")
+    try:
+        value = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+    except BaseException as exc:  # its top-level code failed
+        raise ImportError(f"importing module {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        if not hasattr(value, part):
+            raise ImportError(f"module {module_name!r} has no attribute {attribute!r}")
+        value = getattr(value, part)
+    if not callable(value):
+        raise TypeError(f"{target!r} is not callable (it is of type {type(value).__name__})")
+    return value
+
+
+def check_reward(value) -> tuple[str, float | None, str]:
+    """(result, reward, detail) for what a reward function returned: a bool is 1.0 / 0.0; a real number must
+    be finite and within [0, 1]; anything else is ``bad_reward``."""
+    kind = type(value)
+    if isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")):
+        return REWARD, 1.0 if value else 0.0, ""
+    if not isinstance(value, numbers.Real):
+        if isinstance(value, (str, bytes, type(None))):
+            shown = f"{_brief(repr(value))} ({kind.__name__})"
+        else:
+            shown = f"a {kind.__name__}"
+        return BAD_REWARD, None, f"returned {shown}, not a float in [0, 1] or a bool"
+    try:
+        reward = float(value)
+    except Exception as exc:
+        return BAD_REWARD, None, f"returned a {kind.__name__} that is not a float ({type(exc).__name__})"
+    if not math.isfinite(reward):
+        return BAD_REWARD, None, f"returned {reward} (not a finite number)"
+    if not 0.0 <= reward <= 1.0:
+        return BAD_REWARD, None, f"returned {reward:g}, outside [0, 1]"
+    return REWARD, reward, ""
+
+
+def _reward(response: str, reference: str) -> dict:
+    if _reward_fn is None:
+        return {"result": REWARD_ERROR, "detail": "this worker was started without a reward function"}
+    try:
+        value = _reward_fn(response, reference)
+    except BaseException as exc:  # the user's code: SystemExit and KeyboardInterrupt included
+        return {"result": REWARD_ERROR, "detail": _brief(f"raised {type(exc).__name__}: {exc}")}
+    try:
+        result, reward, detail = check_reward(value)
+    except BaseException as exc:  # a number type whose comparisons raise
+        result, reward, detail = BAD_REWARD, None, f"returned an unusable {type(value).__name__} ({exc!r})"
+    reply: dict = {"result": result, "detail": _brief(detail)}
+    if reward is not None:
+        reply["reward"] = reward
+    return reply
+
+
 def _handle(request: dict) -> dict:
     op = request.get("op", "grade")
     if op == "grade":
@@ -385,6 +474,8 @@ def _handle(request: dict) -> dict:
             return {"result": UNPARSEABLE, "detail": "bad request"}
         result, detail = compare_multi([str(g) for g in golds], [str(p) for p in preds])
         return {"result": result, "detail": detail}
+    if op == "reward":
+        return _reward(str(request.get("response", "")), str(request.get("reference", "")))
     if op == "ping":
         return {"result": "pong", "detail": str(os.getpid())}
     if op == "spin":  # test hook: a computation that never finishes (pure CPU, no sleeping)
@@ -394,6 +485,7 @@ def _handle(request: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    global _reward_fn
     _exit_with_parent()
     # The protocol owns the original stdout; anything else printed (by us or a library) goes to stderr.
     channel = os.fdopen(os.dup(1), "w", encoding="ascii", errors="backslashreplace", buffering=1)
@@ -403,8 +495,16 @@ def main(argv: list[str]) -> int:
     sys.setrecursionlimit(5000)
     _limit_memory(int(argv[1]) if len(argv) > 1 else 2048)
 
-    _math_verify()
-    compare("1", "\\frac{2}{2}")  # warm up the ANTLR parser and sympy before announcing readiness
+    if len(argv) > 2:  # a worker for the user's reward function: import it now, math-verify is not needed
+        try:
+            _reward_fn = load_reward(json.loads(argv[2]))
+        except BaseException as exc:
+            error = str(exc) if isinstance(exc, (ImportError, TypeError)) else f"{type(exc).__name__}: {exc}"
+            channel.write(json.dumps({"ready": False, "error": _brief(error)}) + "\n")
+            return 1
+    else:
+        _math_verify()
+        compare("1", "\\frac{2}{2}")  # warm up the ANTLR parser and sympy before announcing readiness
     channel.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
 
     for line in sys.stdin:

@@ -1,10 +1,12 @@
-"""The grader: cheap checks in the caller's process, math-verify in a persistent, killable worker process."""
+"""The grader: cheap checks in the caller's process, math-verify (or the user's reward function) in a
+persistent, killable worker process."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
 import json
+import logging
 import math
 import os
 import selectors
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ ANSWER_TOO_LONG = "answer_too_long"
 UNPARSEABLE = "unparseable"
 TIMEOUT = "timeout"
 BAD_REFERENCE = "bad_reference"
+BAD_REWARD = "bad_reward"  # the user's reward function returned a non-number, NaN or a value outside [0, 1]
+REWARD_ERROR = "reward_error"  # the user's reward function raised (or its worker died)
 REASONS = (
     CORRECT,
     WRONG_ANSWER,
@@ -42,6 +47,8 @@ REASONS = (
     UNPARSEABLE,
     TIMEOUT,
     BAD_REFERENCE,
+    BAD_REWARD,
+    REWARD_ERROR,
 )
 
 DEFAULT_FORMAT_WEIGHT = 0.0
@@ -51,10 +58,17 @@ DEFAULT_MAX_ANSWER_CHARS = 1_000
 MAX_ANSWER_BOXES = extract.MAX_ANSWER_BOXES
 
 _WORKER_RESULTS = {CORRECT, WRONG_ANSWER, UNPARSEABLE, BAD_REFERENCE}
+REWARD_THRESHOLD = 0.5  # a custom reward counts as correct at or above this
+
+log = logging.getLogger(__name__)
 
 
 class WorkerStartError(RuntimeError):
     """The math-verify worker process could not be started (an environment problem, not an input one)."""
+
+
+class RewardLoadError(WorkerStartError):
+    """The worker could not import the user's reward function (``reward_fn``)."""
 
 
 # ---- option validation ---------------------------------------------------------------------------------
@@ -72,6 +86,26 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_target(value: Any) -> str:
+    """A reward function's "module:function" path (the function may be a dotted attribute path)."""
+    module, _, attribute = value.partition(":") if isinstance(value, str) else ("", "", "")
+    parts = [*module.split("."), *attribute.split(".")]
+    if not module or not attribute or not all(part.isidentifier() for part in parts):
+        raise ValueError(f"reward_fn must be an importable 'module:function' path, got {value!r}")
+    return value
+
+
+def import_path() -> list[str]:
+    """This process's ``sys.path`` as absolute folders (``''`` is the current directory): what a reward
+    function is imported with in the worker unless the caller gives the path."""
+    path: list[str] = []
+    for entry in sys.path:
+        folder = os.path.abspath(entry or os.curdir)
+        if folder not in path:
+            path.append(folder)
+    return path
+
+
 def _check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -84,12 +118,16 @@ def _check_count(name: str, value: Any) -> int:
 class _Worker:
     """One ``_worker.py`` process and a line reader over its stdout. Not thread-safe (the Grader locks)."""
 
-    def __init__(self, memory_limit_mb: int) -> None:
+    def __init__(self, memory_limit_mb: int, reward: dict | None = None) -> None:
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        argv = [sys.executable, "-I", str(WORKER_SCRIPT), str(memory_limit_mb)]
+        if reward is not None:
+            argv.append(json.dumps(reward))
+        self.reward_target = None if reward is None else reward["target"]
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(WORKER_SCRIPT), str(memory_limit_mb)],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -144,6 +182,12 @@ class _Worker:
         if self.ready:
             return
         message = self.receive(time.monotonic() + timeout_s)
+        if isinstance(message, dict) and message.get("ready") is False and self.reward_target is not None:
+            self.kill()
+            raise RewardLoadError(
+                f"the reward function {self.reward_target!r} cannot be loaded in the verifier's worker process: "
+                f"{message.get('error', 'unknown error')}"
+            )
         if not isinstance(message, dict) or not message.get("ready"):
             self.kill()
             what = "timed out" if message == "timeout" else "exited"
@@ -214,6 +258,11 @@ class Grader:
         memory_limit_mb: address-space limit of the worker process (0: none).
         prescreen: refuse astronomically large powers/factorials and deep nesting before parsing (on by
             default; tests switch it off to exercise the timeout backstop).
+        reward_fn: ``"module:function"`` of a reward function to use instead of the built-in grading (see
+            :meth:`_reward_one`); it is imported in the worker process, with ``timeout_s`` and
+            ``memory_limit_mb`` as for math-verify. ``format_weight`` must then be 0.
+        reward_path: the folders in front of the worker's ``sys.path`` when it imports ``reward_fn``
+            (default: this process's ``sys.path``, :func:`import_path`).
     """
 
     def __init__(
@@ -226,6 +275,8 @@ class Grader:
         startup_timeout_s: float = 60.0,
         memory_limit_mb: int = 2048,
         prescreen: bool = True,
+        reward_fn: str | None = None,
+        reward_path: Sequence[str] | None = None,
     ) -> None:
         self.format_weight = _check_format_weight(format_weight)
         self.timeout_s = _check_positive("timeout_s", timeout_s)
@@ -236,6 +287,16 @@ class Grader:
             raise ValueError(f"memory_limit_mb must be an integer >= 0, got {memory_limit_mb!r}")
         self.memory_limit_mb = memory_limit_mb
         self.prescreen = bool(prescreen)
+        self.reward_fn = None if reward_fn is None else _check_target(reward_fn)
+        if self.reward_fn is not None and self.format_weight != 0.0:
+            raise ValueError(
+                "format_weight must be 0 with reward_fn: the reward function gives the whole reward"
+            )
+        path = import_path() if reward_path is None else [str(p) for p in reward_path]
+        self._reward = None if self.reward_fn is None else {"target": self.reward_fn, "path": path}
+        # what went wrong in the reward function lately: "reason: detail" (the verdict carries only the reason)
+        self.reward_problems: deque[str] = deque(maxlen=20)
+        self._logged_problems: set[str] = set()
         self._lock = threading.RLock()
         self._worker: _Worker | None = None
         self._next_id = 0
@@ -314,6 +375,8 @@ class Grader:
         text = extract.sanitize(response)
         if len(text) > max_chars:
             text = text[-max_chars:]  # the last box is what counts: keep the end
+        if self._reward is not None:
+            return self._reward_one(text, extract.sanitize(answer), timeout_s)
         found = extract.extract_final_boxes(text, MAX_ANSWER_BOXES)
         if found.status != extract.OK or not found.contents:
             return _verdict(False, found.status, None, 0.0, w)
@@ -348,6 +411,45 @@ class Grader:
         if not all(golds) or sum(len(g) for g in golds) > self.max_answer_chars:
             return None
         return golds
+
+    def _reward_one(self, response: str, reference: str, timeout_s: float) -> Verdict:
+        """The user's reward function on one (sanitised, truncated) response and its reference, in the worker.
+
+        reward = what it returned (a bool: 1.0 / 0.0), ``correct`` = reward >= 0.5 (reason ``correct`` or
+        ``wrong_answer``); ``timeout`` when it runs over ``timeout_s`` (the worker is killed and replaced),
+        ``reward_error`` when it raises or its worker dies, ``bad_reward`` when it returns a non-number, NaN or a
+        value outside [0, 1]; those three have reward 0. ``answer`` is still the response's final boxed answer
+        (CEPO's r⁻ is taken from it), None without one."""
+        found = extract.extract_final_boxes(response, MAX_ANSWER_BOXES)
+        answer = None
+        if found.status == extract.OK and found.contents:
+            joined = ", ".join(found.contents)
+            answer = joined if len(joined) <= self.max_answer_chars else None
+        reply = self._call({"op": "reward", "response": response, "reference": reference}, timeout_s)
+        if reply is None:
+            self._reward_problem(TIMEOUT, f"took longer than {timeout_s:g} s")
+            return Verdict(correct=False, reward=0.0, answer=answer, reason=TIMEOUT)
+        result, detail = reply.get("result"), str(reply.get("detail", ""))
+        reward = reply.get("reward")
+        if result == "reward":
+            valid = isinstance(reward, (int, float)) and not isinstance(reward, bool)
+            if valid and 0.0 <= reward <= 1.0:  # NaN fails the comparison
+                correct = reward >= REWARD_THRESHOLD
+                reason = CORRECT if correct else WRONG_ANSWER
+                return Verdict(correct=correct, reward=float(reward), answer=answer, reason=reason)
+            result, detail = BAD_REWARD, f"returned {reward!r}"
+        elif result not in (BAD_REWARD, REWARD_ERROR):  # the worker died on it (memory, os._exit, a crash)
+            result, detail = REWARD_ERROR, f"its worker process died ({detail or result})"
+        self._reward_problem(result, detail)
+        return Verdict(correct=False, reward=0.0, answer=answer, reason=result)
+
+    def _reward_problem(self, reason: str, detail: str) -> None:
+        """Keep (and log once) what went wrong in the reward function: the verdict only has room for the reason."""
+        problem = f"{reason}: {self.reward_fn} {detail}"
+        self.reward_problems.append(problem)
+        if problem not in self._logged_problems and len(self._logged_problems) < 100:
+            self._logged_problems.add(problem)
+            log.warning("reward function %s", problem)
 
     def _compare_one(self, gold_text: str, pred_text: str, timeout_s: float) -> str:
         """One reference answer against one response answer: the verdict reason."""
@@ -405,7 +507,7 @@ class Grader:
         if worker is not None and worker.owner_pid != os.getpid():
             worker = self._worker = None  # inherited through fork: leave the parent's process alone
         if worker is None:
-            worker = self._worker = _Worker(self.memory_limit_mb)
+            worker = self._worker = _Worker(self.memory_limit_mb, self._reward)
         try:
             worker.wait_ready(self.startup_timeout_s)
         except WorkerStartError:
@@ -419,7 +521,7 @@ class Grader:
         if worker is not None:
             worker.kill()
         self.restarts += 1
-        self._worker = _Worker(self.memory_limit_mb)
+        self._worker = _Worker(self.memory_limit_mb, self._reward)
 
     def _call(self, message: dict, timeout_s: float) -> dict | None:
         """Send one request and wait at most ``timeout_s`` for its reply. None on timeout; a crashed worker
