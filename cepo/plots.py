@@ -667,22 +667,23 @@ def _run_paths(results: dict[str, Any], method: str) -> list[Path]:
     return [p for p in paths if p.is_dir()]
 
 
-def _compare_interval(results: dict[str, Any], steps: Sequence[int]) -> int | None:
-    """The comparison's evaluation interval: its runs' ``eval.every`` when their folders are here (the largest,
-    should they differ), else inferred from the curve's steps."""
+def _compare_every(results: dict[str, Any]) -> int | None:
+    """The comparison's ``eval.every``: its runs' when their folders are here (the largest, should they
+    differ), else None (each curve's interval is then inferred from its steps)."""
     everies = {
         e
         for m in results.get("methods") or ()
         for p in _run_paths(results, m)
         if (e := _eval_every(p)) is not None
     }
-    return _eval_interval(steps, max(everies) if everies else None)
+    return max(everies) if everies else None
 
 
 def curves_figure(results: dict[str, Any]):
     """Figure 1, unsaved (see :func:`plot_curves`)."""
     fig, (ax,) = _figure()
     drawn = 0
+    every = _compare_every(results)
     for m in results["methods"]:
         curve = results["aggregate"].get(m, {}).get("curve") or []
         if not curve:
@@ -694,7 +695,7 @@ def curves_figure(results: dict[str, Any]):
             steps,
             [100.0 * float(p["mean"]) for p in curve],
             [100.0 * _num(p.get("se", 0.0)) for p in curve],
-            _compare_interval(results, steps),
+            _eval_interval(steps, every),
             color=method_color(m),
             label=f"{display_name(m)} (n={n})",
             gid=f"curve:{m}",

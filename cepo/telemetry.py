@@ -32,6 +32,8 @@ cepo_policy_version             gauge      —               adapter version the
 cepo_zero_variance_groups       gauge      —               groups of the last step whose rollouts all got
                                                            A = 0
 cepo_groups                     gauge      —               groups (prompts) in the last step
+cepo_heldout_accuracy           gauge      suite           sampled accuracy of the last held-out evaluation
+                                                           of that suite (eval.every steps, and the end)
 cepo_steps_total                counter    —               steps done
 cepo_response_tokens_total      counter    —               response tokens of finished steps
 cepo_replica_restarts_total     counter    role            replicas replaced after dying or timing out
@@ -73,9 +75,11 @@ Ports
 ``base + 10 + r`` (r < 10), rollout replica i ``base + 20 + i`` (i < 20), teacher ``base + 40 + i`` (i < 20),
 verifier ``base + 60 + i`` (i < 20). Base None switches metrics off; base 0 gives every process an ephemeral
 port (the safe choice when several runs share a node; Prometheus then finds them in the file written by
-:func:`write_prometheus_targets`). ``deploy/prometheus/prometheus.yml`` scrapes the layout of base 9400 on
-localhost and, in addition, every file_sd file ``deploy/prometheus/targets/*.json``; ``deploy/grafana/`` holds
-the dashboard, whose queries :func:`dashboard_queries` lists.
+:func:`write_prometheus_targets`). ``deploy/prometheus/prometheus.yml`` scrapes only what runs write there:
+every file_sd file ``deploy/prometheus/targets/*.json`` (a run's ``prometheus_targets.json``, linked there by
+``deploy/prometheus/link-run``), whose targets carry ``service``, ``replica`` and ``run`` labels; every scraped
+series thus has the ``run`` label, by which ``deploy/grafana/``'s dashboard (a ``$run`` variable; its queries
+:func:`dashboard_queries` lists) keeps concurrent runs apart.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ __all__ = [
     "dashboard_queries",
     "endpoint",
     "metric_names_in",
+    "observe_eval",
     "observe_learner_update",
     "observe_step",
     "observe_verdicts",
@@ -148,6 +153,7 @@ CONTROLLER_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "cepo_policy_version": ("gauge", (), "Adapter version the last step's rollouts used."),
     "cepo_zero_variance_groups": ("gauge", (), "Groups of the last step whose rollouts all got A = 0."),
     "cepo_groups": ("gauge", (), "Groups (prompts) in the last step."),
+    "cepo_heldout_accuracy": ("gauge", ("suite",), "Sampled accuracy of the last held-out evaluation."),
     "cepo_steps_total": ("counter", (), "Steps done."),
     "cepo_response_tokens_total": ("counter", (), "Response tokens of finished steps."),
     "cepo_replica_restarts_total": ("counter", ("role",), "Replicas replaced after dying or timing out."),
@@ -216,6 +222,13 @@ def observe_step(report: Any) -> None:
         _M["cepo_replica_restarts_total"].labels(role=str(role)).inc(int(count))
     if get("update_skipped", False):
         _M["cepo_skipped_updates_total"].inc()
+
+
+def observe_eval(results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Record a held-out evaluation ({suite: result}, as eval.jsonl has it): each suite's sampled accuracy."""
+    for suite, result in results.items():
+        if result.get("sampled") is not None:
+            _M["cepo_heldout_accuracy"].labels(suite=str(suite)).set(float(result["sampled"]))
 
 
 # ---------------------------------------------------------------------------------------------- Prometheus

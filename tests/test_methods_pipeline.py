@@ -142,6 +142,9 @@ class _Spans(HTMLParser):
             self.weights.append(float(attrs["data-w-cepo"]))
 
 
+_EVAL_SUITE = {"eval_suites": ["test"], "eval_size": 4}
+
+
 def test_short_run_observed_end_to_end(tiny_model_dir, tmp_path, redis_url):
     """Prometheus scrapes every service and every dashboard query returns data; the ledger holds the run;
     the token-credit heatmap renders in Chromium; the plots are written."""
@@ -172,6 +175,7 @@ scrape_configs:
     queries = telemetry.dashboard_queries(dashboard)
     assert len(queries) >= 30
     trainer = Trainer(cfg, run_dir, log=lambda _: None)
+    queries = [(t, q.replace("$run", trainer.run_id)) for t, q in queries]  # the dashboard's $run: this run
     with prometheus_server(prom_config, tmp_path / "prometheus") as prom:
         try:
             trainer.start()
@@ -179,6 +183,12 @@ scrape_configs:
             services = sorted({label["labels"]["service"] for label in targets})
             assert services == ["controller", "learner", "rollout", "teacher", "verifier"]
             trainer.train(3)
+            # a held-out evaluation as cepo train makes one (eval.jsonl and the held-out accuracy gauge)
+            from cepo.evaluate import eval_problems
+            from cepo.run import _evaluate
+
+            suite = eval_problems(cfg.model_copy(update={"data": cfg.data.model_copy(update=_EVAL_SUITE)}))
+            _evaluate(trainer, suite, cfg, run_dir, 3)
 
             def all_up() -> bool:
                 up = prometheus_query(prom, "up")

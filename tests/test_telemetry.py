@@ -106,7 +106,7 @@ def test_service_port_layout_and_errors():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_every_documented_metric_is_defined_documented_and_served():
-    assert len(telemetry.METRICS) == 32
+    assert len(telemetry.METRICS) == 33
     for name in telemetry.METRICS:
         assert re.search(rf"^{name}\s", telemetry.__doc__, re.M), f"{name} missing from the docstring table"
     for name in re.findall(r"^(cepo_\w+)\s", telemetry.__doc__, re.M):
@@ -116,6 +116,7 @@ def test_every_documented_metric_is_defined_documented_and_served():
     assert telemetry.serve_metrics(port, "127.0.0.1") == port
     # every family is exposed with its documented type once it has been touched
     telemetry.observe_step(report(0, replica_restarts={"rollout": 1}))
+    telemetry.observe_eval({"types-suite": {"sampled": 0.5}})
     with telemetry.track_rollout("types-r") as t:
         t.tokens = 1
     with telemetry.track_teacher("types-t") as t:
@@ -151,6 +152,8 @@ def test_observe_step_and_helpers_over_http():
     telemetry.observe_verdicts("http-verifier-0", ["correct"], 0.2)  # reason strings work too
     telemetry.observe_learner_update(0, 0.5, 1.25, 0.125, 0.9)
     telemetry.observe_learner_update("1", -0.25, 1.25, 0.0625, 1.1)
+    telemetry.observe_eval({"http-test": {"sampled": 0.25, "greedy": 0.5}, "http-hard": {"sampled": 0.125}})
+    telemetry.observe_eval({"http-test": {"sampled": 0.375}, "http-none": {"greedy": 0.5}})  # the last wins
 
     got = scrape(port)
 
@@ -172,6 +175,9 @@ def test_observe_step_and_helpers_over_http():
     assert value("cepo_policy_version") == 7
     assert value("cepo_zero_variance_groups") == 1 and value("cepo_groups") == 4
     assert value("cepo_steps_total") == steps_before + 2
+    assert value("cepo_heldout_accuracy", suite="http-test") == 0.375
+    assert value("cepo_heldout_accuracy", suite="http-hard") == 0.125
+    assert ("cepo_heldout_accuracy", frozenset({("suite", "http-none")})) not in got  # no sampled accuracy
     assert value("cepo_response_tokens_total") == tokens_before + 200
 
     r = "http-rollout-0"
@@ -242,6 +248,19 @@ def test_write_prometheus_targets(tmp_path):
     with pytest.raises(ValueError, match="not a bound port"):
         telemetry.write_prometheus_targets(out, [{"service": "rollout", "host": "h", "port": 0}])
     assert json.loads(out.read_text())[0]["targets"] == ["10.0.0.1:9400"]  # a failed write changes nothing
+
+
+def test_recorder_records_heldout_accuracy(tmp_path):
+    from cepo.config import load_config
+    from cepo.controller.recorder import StepRecorder
+
+    results = {"rec-test": {"n": 16, "samples": 1, "sampled": 0.625, "sampled_se": 0.1, "greedy": 0.75}}
+    off = StepRecorder(load_config(None, ["data.source=arithmetic"]), tmp_path / "a", "a", log=print)
+    off.record_eval(0, results)  # metrics off: nothing recorded
+    assert REGISTRY.get_sample_value("cepo_heldout_accuracy", {"suite": "rec-test"}) is None
+    cfg = load_config(None, ["data.source=arithmetic", "logging.metrics_port=0"])
+    StepRecorder(cfg, tmp_path / "b", "b", log=print).record_eval(5, results)
+    assert REGISTRY.get_sample_value("cepo_heldout_accuracy", {"suite": "rec-test"}) == 0.625
 
 
 # ------------------------------------------------------------------------------------------------ replicas
@@ -336,8 +355,6 @@ def test_dashboard_covers_every_metric_and_only_defined_ones():
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["type"] == "timeseries"
-            assert panel["datasource"]["uid"] == "prometheus"
-            assert all(t["datasource"]["uid"] == "prometheus" for t in panel["targets"])
 
     queries = telemetry.dashboard_queries(DASHBOARD)
     assert len(queries) >= len(telemetry.METRICS)
@@ -350,17 +367,70 @@ def test_dashboard_covers_every_metric_and_only_defined_ones():
         for name in names:
             used.setdefault(name, []).append(expr)
             kind = telemetry.METRICS[name][0]
+            sel = r"(\{[^}]*\})?"
             if kind == "counter":
-                assert f"rate({name}[1m])" in expr, f"counter {name} must be shown as a rate: {expr}"
+                assert re.search(rf"rate\({name}{sel}\[1m\]\)", expr), (
+                    f"counter {name} must be a rate: {expr}"
+                )
             if kind == "histogram":
-                assert re.search(rf"histogram_quantile\(0\.\d+, .*rate\({name}_bucket\[1m\]\)", expr) or (
-                    f"rate({name}_count[1m])" in expr
-                ), expr
+                assert re.search(
+                    rf"histogram_quantile\(0\.\d+, .*rate\({name}_bucket{sel}\[1m\]\)", expr
+                ) or re.search(rf"rate\({name}_count{sel}\[1m\]\)", expr), expr
     missing = set(telemetry.METRICS) - set(used)
     assert not missing, f"no dashboard panel shows {sorted(missing)}"
     for name, (kind, _, _) in telemetry.METRICS.items():
         if kind == "histogram":
             assert any("histogram_quantile" in e for e in used[name]), f"{name}: no quantile panel"
+
+
+_SELECTOR = re.compile(r"\b(cepo_[a-z0-9_]*[a-z0-9])(\{[^}]*\})?")
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out += panel.get("panels") or []
+    return out
+
+
+def test_dashboard_works_in_an_existing_install():
+    """A $run variable every query filters on, the data source a variable (no hard-wired uid), held-out
+    accuracy shown."""
+    text = DASHBOARD.read_text()
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (
+        variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    )
+    run = variables["run"]
+    assert run["type"] == "query" and run["multi"] and run["includeAll"] and run["allValue"] == ".*"
+    assert run["datasource"]["uid"] == "${datasource}"
+    assert run["query"]["query"] == run["definition"] == 'label_values(up{job="cepo-controller"}, run)'
+    # no data source uid but the variable, anywhere (panels, targets, variables)
+    uids = re.findall(r'"uid":\s*"([^"]*)"', text)
+    assert set(uids) <= {"${datasource}", "-- Grafana --", "cepo"}, set(uids)
+    for panel in _panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+            expr = target["expr"]
+            selectors = _SELECTOR.findall(expr)
+            assert selectors, expr
+            for name, labels in selectors:
+                assert 'run=~"$run"' in labels, (
+                    f"panel {panel['title']!r}: {name} not filtered by run: {expr}"
+                )
+            for agg in re.findall(r"\b(?:sum|max|min|avg)\b(?: by \(([^)]*)\))?", expr):
+                assert "run" in [a.strip() for a in agg.split(",")], f"an aggregation mixes runs: {expr}"
+            assert "{{run}}" in target["legendFormat"], (panel["title"], target["legendFormat"])
+    held = [p for p in _panels(dashboard) if p["title"].startswith("Held-out accuracy")]
+    assert len(held) == 1
+    exprs = [t["expr"] for t in held[0]["targets"]]
+    assert 'cepo_heldout_accuracy{run=~"$run"}' in exprs
+    assert 'avg by (run) (cepo_heldout_accuracy{run=~"$run"})' in exprs
 
 
 def test_dashboard_queries_walks_nested_rows(tmp_path):
@@ -434,10 +504,57 @@ class _Driver(threading.Thread):
                 telemetry.set_adapter_version("teacher", "prom-teacher-0", step)
                 reasons = ["correct", "wrong_answer", "no_boxed", "timeout"]
                 telemetry.observe_verdicts("prom-verifier-0", [verdict(r) for r in reasons], 0.02)
+                telemetry.observe_eval({"prom-test": {"sampled": 0.5}, "prom-hard": {"sampled": 0.25}})
                 step += 1
                 self.halt.wait(0.2)
         except BaseException as exc:
             self.error = exc
+
+
+def deployed_config(interval: str = "1s") -> str:
+    """deploy/prometheus/prometheus.yml itself, every interval made ``interval`` (the test's patience)."""
+    text = PROMETHEUS_YML.read_text()
+    for key, value in (
+        ("scrape_interval", "5s"),
+        ("scrape_timeout", "4s"),
+        ("evaluation_interval", "5s"),
+        ("refresh_interval", "30s"),
+    ):
+        assert f"{key}: {value}" in text, f"{PROMETHEUS_YML}: no {key}: {value}"
+        text = text.replace(f"{key}: {value}", f"{key}: {interval}")
+    return text
+
+
+def test_deployed_prometheus_config_has_only_the_file_sd_job():
+    import yaml
+
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    (job,) = config["scrape_configs"]
+    assert "static_configs" not in job and job["honor_labels"] is True
+    assert job["file_sd_configs"] == [{"files": ["targets/*.json"], "refresh_interval": "30s"}]
+
+
+def test_link_run_links_and_removes_a_runs_targets(tmp_path):
+    deploy = tmp_path / "prometheus"
+    shutil.copytree(PROMETHEUS_YML.parent, deploy, ignore=shutil.ignore_patterns("*.json"))
+    run = tmp_path / "runs" / "tiny"
+    targets = run / "prometheus_targets.json"
+    telemetry.write_prometheus_targets(
+        targets, [{"service": "controller", "host": "127.0.0.1", "port": 9400, "run": "tiny 20240101"}]
+    )
+    link = deploy / "targets" / "tiny_20240101.json"
+
+    def link_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(deploy / "link-run"), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    assert link_run(str(run)).returncode == 0
+    assert link.is_symlink() and link.resolve() == targets.resolve()
+    assert "tiny_20240101.json" in link_run("--list").stdout
+    assert link_run("--remove", str(run)).returncode == 0 and not link.exists()
+    done = link_run(str(tmp_path / "nothing"))
+    assert done.returncode == 1 and "no prometheus_targets.json" in done.stdout
 
 
 def test_real_prometheus_answers_every_dashboard_query(tmp_path):
@@ -459,14 +576,13 @@ def test_real_prometheus_answers_every_dashboard_query(tmp_path):
                 for s in services
             ],
         )
-        # the deployed config's file_sd job, at a 1 s interval
-        config = (
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            "  - job_name: cepo-file-sd\n    honor_labels: true\n"
-            "    file_sd_configs:\n      - files: ['targets/*.json']\n        refresh_interval: 1s\n"
+        # a concurrent run (the same endpoint under another run label): the dashboard must keep them apart
+        telemetry.write_prometheus_targets(
+            tmp_path / "prom" / "targets" / "other.json",
+            [{"service": "controller", "host": "127.0.0.1", "port": port, "run": "other-run"}],
         )
-        with prometheus_server(config, tmp_path / "prom") as base:
+        # the deployed config itself, at a 1 s interval
+        with prometheus_server(deployed_config(), tmp_path / "prom") as base:
 
             def targets_up() -> list[dict]:
                 up = [r for r in prometheus_query(base, "up == 1") if r["metric"]["run"] == "telemetry-test"]
@@ -475,12 +591,31 @@ def test_real_prometheus_answers_every_dashboard_query(tmp_path):
             up = wait_for(targets_up, 60, what="every file_sd target to be up")
             assert sorted(r["metric"]["job"] for r in up) == [f"cepo-{s}" for s in services]
             assert {r["metric"]["service"] for r in up} == set(services)
+            # the $run variable's query: label_values(up{job="cepo-controller"}, run)
+            runs = wait_for(
+                lambda: (
+                    {r["metric"]["run"] for r in prometheus_query(base, 'up{job="cepo-controller"}')}
+                    >= {"telemetry-test", "other-run"}
+                ),
+                60,
+                what="both runs' controllers",
+            )
+            assert runs
 
-            queries = telemetry.dashboard_queries(DASHBOARD)
+            # every query with $run set to one run: data, and only that run's
+            queries = [
+                (title, expr.replace("$run", "telemetry-test"))
+                for title, expr in telemetry.dashboard_queries(DASHBOARD)
+            ]
             pending = dict.fromkeys(expr for _, expr in queries)
+            leaks: dict[str, dict] = {}  # a query that returned another run's series
 
             def answered(expr: str) -> bool:
-                values = [float(r["value"][1]) for r in prometheus_query(base, expr)]
+                results = prometheus_query(base, expr)
+                for r in results:
+                    if r["metric"].get("run", "telemetry-test") != "telemetry-test":
+                        leaks.setdefault(expr, r["metric"])
+                values = [float(r["value"][1]) for r in results]
                 return any(math.isfinite(v) for v in values)
 
             def all_answered() -> bool:
@@ -493,10 +628,21 @@ def test_real_prometheus_answers_every_dashboard_query(tmp_path):
                 wait_for(all_answered, 60, 1.0, what="every dashboard query to return data")
             except TimeoutError as exc:
                 raise AssertionError(f"{exc}; still empty: {sorted(pending)}") from None
+            assert not leaks, f"queries filtered by run returned other runs' series: {leaks}"
 
             # honor_labels: the metrics' own replica label wins over the target's
             replicas = {r["metric"]["replica"] for r in prometheus_query(base, "cepo_rollout_requests_total")}
             assert {"prom-rollout-0", "prom-rollout-1"} <= replicas
+            # without the filter the two runs mix: that is what the $run variable is for
+            assert {r["metric"]["run"] for r in prometheus_query(base, "cepo_step")} == {
+                "telemetry-test",
+                "other-run",
+            }
+            held = prometheus_query(base, 'cepo_heldout_accuracy{run="telemetry-test", suite=~"prom-.*"}')
+            assert {r["metric"]["suite"]: float(r["value"][1]) for r in held} == {
+                "prom-test": 0.5,
+                "prom-hard": 0.25,
+            }
             names = {r["metric"]["__name__"] for r in prometheus_query(base, '{__name__=~"cepo_.+"}')}
             for name, (kind, _, _) in telemetry.METRICS.items():
                 assert (name + "_bucket" if kind == "histogram" else name) in names

@@ -194,7 +194,10 @@ class StepRecorder:
 
     def record_eval(self, steps_done: int, results: dict[str, dict[str, Any]]) -> None:
         """A held-out evaluation after ``steps_done`` steps ({suite: result}, as eval.jsonl has it): to the
-        trackers (eval.jsonl itself is written by :func:`cepo.run.train`)."""
+        trackers and the ``cepo_heldout_accuracy`` gauge (eval.jsonl itself is written by
+        :func:`cepo.run.train`)."""
+        if self.cfg.logging.metrics_port is not None:
+            telemetry.observe_eval(results)
         self.trackers.log_eval(steps_done, results)
 
     def dump_tokens(self, ev: StepState, policy_version: int, tokenizer: Any) -> None:
