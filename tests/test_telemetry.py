@@ -406,7 +406,8 @@ def test_dashboard_works_in_an_existing_install():
     run = variables["run"]
     assert run["type"] == "query" and run["multi"] and run["includeAll"] and run["allValue"] == ".*"
     assert run["datasource"]["uid"] == "${datasource}"
-    assert run["query"]["query"] == run["definition"] == 'label_values(up{job="cepo-controller"}, run)'
+    # a plain query string: every Grafana version reads it (newer ones migrate it to their query object)
+    assert run["query"] == run["definition"] == 'label_values(up{job="cepo-controller"}, run)'
     # no data source uid but the variable, anywhere (panels, targets, variables)
     uids = re.findall(r'"uid":\s*"([^"]*)"', text)
     assert set(uids) <= {"${datasource}", "-- Grafana --", "cepo"}, set(uids)
@@ -492,7 +493,9 @@ class _Driver(threading.Thread):
         try:
             while not self.halt.is_set():
                 stages = {"gen": 1.0, "verify": 0.2, "adv": 0.01, "teacher": 0.4, "old_logp": 0.3}
-                telemetry.observe_step(report(step, stage_seconds={**stages, "update": 0.5, "sync": 0.1}))
+                timings = {**stages, "update": 0.5, "sync": 0.1}
+                # no restart, but the counter exists (the test does not depend on an earlier one's restarts)
+                telemetry.observe_step(report(step, stage_seconds=timings, replica_restarts={"rollout": 0}))
                 for i in range(2):
                     with telemetry.track_rollout(f"prom-rollout-{i}") as t:
                         self.halt.wait(0.01)
