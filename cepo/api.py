@@ -14,7 +14,6 @@ function, and the local Ray it started shut down afterwards. Everything here is 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,9 +192,9 @@ def evaluate(
     ``adapter`` is a PEFT adapter folder, or a run folder (its ``adapter/``). ``suites``, ``samples`` and
     ``size`` replace ``data.eval_suites``, ``data.eval_samples`` and ``data.eval_size``. Returns, per suite,
     ``sampled`` (and with ``greedy`` ``greedy``) accuracy with standard errors ``*_se``, ``n`` and
-    ``train_overlap``, and their ``average`` over the suites. Grading is the built-in verifier's (with
-    ``verifier.timeout_s`` and ``verifier.max_response_chars``); ``verifier.reward_fn`` counts in training and
-    its held-out evaluations only, and is warned about here."""
+    ``train_overlap``, and their ``average`` over the suites. Grading is the verifier's (with
+    ``verifier.timeout_s`` and ``verifier.max_response_chars``), through ``verifier.reward_fn`` when one is set,
+    as in training."""
     from cepo.evaluate import evaluate_model
 
     cfg = _as_config(config)
@@ -207,11 +206,6 @@ def evaluate(
     if size is not None:
         settings["data.eval_size"] = size
     cfg = _with_settings(cfg, settings)
-    if cfg.verifier.reward_fn is not None:
-        warnings.warn(
-            f"cepo.evaluate grades with the built-in verifier, not verifier.reward_fn {cfg.verifier.reward_fn!r}",
-            stacklevel=2,
-        )
     if adapter is not None:
         folder = Path(adapter)
         if (

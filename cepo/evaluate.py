@@ -205,7 +205,15 @@ def evaluate_model(
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     with console.status(f"loading {cfg.model.path} ({backend})…"):
         engine = make_engine(backend, cfg.model.path, **engine_options(cfg, backend, cfg.seed))
-    grader = Grader(timeout_s=cfg.verifier.timeout_s, max_chars=cfg.verifier.max_response_chars)
+    from cepo.hooks import import_path
+
+    reward_fn = cfg.verifier.reward_fn  # the user's reward grades evaluation as it graded training
+    grader = Grader(
+        timeout_s=cfg.verifier.timeout_s,
+        max_chars=cfg.verifier.max_response_chars,
+        reward_fn=reward_fn,
+        reward_path=import_path() if reward_fn is not None else None,
+    )
     results: dict[str, Any] = {}
 
     def generate(ids: list[list[int]], spec: SamplingSpec) -> list[list[str]]:
