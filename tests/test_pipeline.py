@@ -104,7 +104,8 @@ def test_teacher_logprobs_equal_a_transformers_forward(trainer, tmp_path):
         for i, r in enumerate(group)
     ]
     template = trainer.cfg.teacher.template
-    pos, neg = trainer.pools.score(items, temperature=1.0, template=template, version=trainer.version)
+    pos, neg, unfit = trainer.pools.score(items, temperature=1.0, template=template, version=trainer.version)
+    assert unfit == []
 
     base = AutoModelForCausalLM.from_pretrained(trainer.cfg.model.path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(trainer.payload.write_to(tmp_path / "adapter"))).eval()

@@ -73,7 +73,11 @@ def _official(tok, text: str) -> list[int]:
     out = tok.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True
     )
-    return [*(out["input_ids"] if hasattr(out, "keys") else out), *tok.encode(text, add_special_tokens=False)]
+    # the published code encodes f" {answer}": a leading space before the hint
+    return [
+        *(out["input_ids"] if hasattr(out, "keys") else out),
+        *tok.encode(" " + text, add_special_tokens=False),
+    ]
 
 
 @pytest.mark.parametrize("template", ["paper", "official"])
