@@ -90,7 +90,8 @@ def run_stats(run: Path) -> dict:
                 continue
             decisive.append(float(signed[k]))
             elsewhere.extend(float(v) for j, v in enumerate(signed) if j != k)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    metrics = [json.loads(line) for line in lines if line.strip()]
     moved = [
         abs(m["abs_adv_after"] - m["abs_adv_before"]) / m["abs_adv_before"]
         for m in metrics
@@ -114,11 +115,47 @@ def run_stats(run: Path) -> dict:
     }
 
 
+KEYS = ("mean_abs_delta", "median_abs_delta", "frac_abs_delta_gt_0.05", "weight_clip_frac")
+
+
+def by_method(stats: list[dict]) -> dict[str, dict]:
+    """Per method folder (a run's parent, as ``cepo compare`` lays runs out): each figure's mean over its runs
+    and its range, for all scored tokens and at the decisive token."""
+    groups: dict[str, list[dict]] = {}
+    for s in stats:
+        groups.setdefault(Path(s["run"]).parent.name, []).append(s)
+    out = {}
+    for name, runs in groups.items():
+        runs = [r for r in runs if r.get("scored_tokens")]
+        if not runs:
+            continue
+        row: dict = {"runs": len(runs)}
+        for key in KEYS:
+            values = [r[key] for r in runs]
+            row[key] = {"mean": float(np.mean(values)), "min": min(values), "max": max(values)}
+        for part in ("decisive", "wrong_rollouts_other_tokens"):
+            for key in ("mean_abs_delta", "median_abs_delta", "mean_delta", "frac_negative"):
+                values = [r[part][key] for r in runs if r[part].get("n")]
+                if values:
+                    row[f"{part}.{key}"] = {
+                        "mean": float(np.mean(values)),
+                        "min": min(values),
+                        "max": max(values),
+                    }
+            row[f"{part}.n"] = sum(r[part].get("n", 0) for r in runs)
+        out[name] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument(
+        "--by-method", action="store_true", help="Summarise runs per method folder (runs' parents)."
+    )
     args = ap.parse_args()
-    print(json.dumps([run_stats(run) for run in args.runs], indent=2))
+    stats = [run_stats(run) for run in args.runs]
+    print(json.dumps(by_method(stats) if args.by_method else stats, indent=2))
 
 
 if __name__ == "__main__":
