@@ -35,6 +35,19 @@ SetOption = Annotated[
 ]
 
 
+RedisOption = Annotated[
+    str | None,
+    typer.Option("--redis", envvar="CEPO_REDIS_URL", help="Redis URL of the ledger (default: run folders)."),
+]
+RootOption = Annotated[
+    Path, typer.Option("--root", help="Folder of run folders, where a run id is looked up (nested ones too).")
+]
+RUN_HELP = (
+    "The run: its folder, or its id as `cepo runs list` shows it (its path below --root, e.g. cmp/cepo/seed0, "
+    "or a unique prefix)."
+)
+
+
 def _print_error(message: object) -> None:
     """``error: <message>`` on stderr, the message printed literally (``[x]`` is text, not rich markup)."""
     console.print(f"[red]error:[/red] {escape(str(message))}", highlight=False, soft_wrap=True)
@@ -64,18 +77,29 @@ def config_show(config: ConfigOption = None, set_: SetOption = None) -> None:
 def config_validate(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Check a configuration; exit 2 with every problem named if it is invalid.
 
-    Besides the keys and values, every held-out suite must exist: a built-in task's suite names, and for file
-    sources data of its own (a data.eval_paths file, a split of a saved dataset, or rows of the training
-    file's split column). Hub datasets are not asked: their split names are accepted."""
+    Besides the keys and values, model.path must be a local model folder with config.json, or a Hub id
+    (org/name) that is in the local Hugging Face cache or while the Hub can be reached; and every held-out suite
+    must exist: a built-in task's suite names, and for file sources data of its own (a data.eval_paths file, a
+    split of a saved dataset, or rows of the training file's split column). Hub datasets are not asked: their
+    split names are accepted."""
     cfg = _load(config, set_)
+    from cepo.config import check_model_path
     from cepo.data.loaders import check_heldout
     from cepo.errors import DataError
 
+    problems: list[Exception] = []
+    try:  # as `cepo eval` checks it: a local path must be a model folder; a Hub id offline only if cached
+        check_model_path(cfg.model.path, hub=True)
+    except FileNotFoundError as exc:
+        problems.append(exc)
     try:
         check_heldout(cfg.data)
     except DataError as exc:
-        _print_error(exc)
-        raise typer.Exit(2) from None
+        problems.append(exc)
+    for problem in problems:
+        _print_error(problem)
+    if problems:
+        raise typer.Exit(2)
     console.print(
         f"ok: {cfg.name} ({cfg.algorithm.method}, {cfg.algorithm.steps} steps, lr {cfg.learning_rate:g})"
     )
@@ -151,6 +175,33 @@ def models_import_smollm2(
         raise typer.Exit(2) from None
 
 
+def _run_folder(run: str, root: Path, redis: str | None) -> Path:
+    """The folder of a run named by path or id (:func:`cepo.ledger.resolve_run`); exit 2 naming close matches."""
+    from cepo.ledger import LedgerError, resolve_run
+
+    try:
+        return resolve_run(run, root, redis)
+    except LedgerError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
+
+
+def _adapter_folder(adapter: str, root: Path, redis: str | None) -> Path:
+    """``--adapter``: a PEFT adapter folder as it is; a run (folder or id) or a checkpoint folder: its adapter/."""
+    path = Path(adapter).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return path
+    from cepo.ledger import LedgerError, resolve_run
+
+    try:
+        folder = resolve_run(adapter, root, redis)
+    except LedgerError as exc:
+        _print_error(f"--adapter {adapter}: not a PEFT adapter folder, and not a run: {exc}")
+        raise typer.Exit(2) from None
+    inner = folder / "adapter"
+    return inner if (inner / "adapter_config.json").is_file() else folder
+
+
 def _run_dir(run_dir: Path | None, name: str) -> Path:
     if run_dir is not None:
         return run_dir
@@ -169,9 +220,10 @@ def train(
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>-<time>).")] = None,
     resume: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Continue the run in this folder from its latest checkpoint (with its config.yaml)."
+            help="Continue this run (its folder, or its id under runs/) from its latest checkpoint, with its "
+            "config.yaml."
         ),
     ] = None,
     overwrite: Annotated[
@@ -189,7 +241,8 @@ def train(
                 "[red]error:[/red] --resume takes the run's own config.yaml and folder", highlight=False
             )
             raise typer.Exit(2)
-        config, folder = resume / "config.yaml", resume
+        folder = _run_folder(resume, Path("runs"), None)
+        config = folder / "config.yaml"
         if not config.is_file():
             console.print(f"error: {config} does not exist: not a run folder", markup=False, highlight=False)
             raise typer.Exit(2)
@@ -235,7 +288,12 @@ def bench(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Base model folder (default: model.path of the config).")] = "",
-    adapter: Annotated[Path | None, typer.Option(help="PEFT adapter folder (e.g. RUN/adapter).")] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="PEFT adapter folder, or a run (its folder or id: its adapter/) or a run's checkpoint folder."
+        ),
+    ] = None,
     suites: Annotated[
         str, typer.Option(help="Comma-separated held-out suites (default: the config's).")
     ] = "",
@@ -246,6 +304,8 @@ def eval_(
     out: Annotated[Path | None, typer.Option(help="Also write the results here (JSON).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    root: RootOption = Path("runs"),
+    redis: RedisOption = None,
 ) -> None:
     """Held-out accuracy ± standard error per suite and the average, with the paper's sampling (eval.*).
 
@@ -280,8 +340,9 @@ def eval_(
     if backend not in ("vllm", "transformers"):
         _print_error(f"--backend {backend!r}; allowed: vllm, transformers")
         raise typer.Exit(2)
+    adapter_dir = None if adapter is None else _adapter_folder(adapter, root, redis)
     try:
-        results = evaluate_model(cfg, adapter=adapter, backend=backend, greedy=greedy, console=console)
+        results = evaluate_model(cfg, adapter=adapter_dir, backend=backend, greedy=greedy, console=console)
     except (ValueError, FileNotFoundError) as exc:
         _print_error(exc)
         raise typer.Exit(2) from None
@@ -332,14 +393,18 @@ def compare(
 
 @app.command()
 def plot(
-    run: Annotated[Path, typer.Option("--run", help="Run folder.")],
+    run: Annotated[str, typer.Option("--run", help=RUN_HELP)],
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/plots).")] = None,
+    root: RootOption = Path("runs"),
+    redis: RedisOption = None,
 ) -> None:
-    """PNGs of reward and accuracy, Δ fractions, clip rates and stage timings over steps."""
+    """PNGs of reward and accuracy, Δ fractions, clip rates and stage timings over steps done (training step k
+    at k, a held-out evaluation after k steps at k)."""
     from cepo.plots import cli_plot
 
+    folder = _run_folder(run, root, redis)
     try:
-        cli_plot(run, out, Console(soft_wrap=True))
+        cli_plot(folder, out, Console(soft_wrap=True))
     except (ValueError, FileNotFoundError) as exc:
         _print_error(exc)
         raise typer.Exit(2) from None
@@ -347,17 +412,25 @@ def plot(
 
 @app.command()
 def inspect(
-    run: Annotated[Path, typer.Option("--run", help="Run folder.")],
-    step: Annotated[int, typer.Option("--step", min=0, help="Step (0-based, as in metrics.jsonl).")],
+    run: Annotated[str, typer.Option("--run", help=RUN_HELP)],
+    step: Annotated[
+        int,
+        typer.Option(
+            "--step", help="The K-th training step, from 1 (as the console prints it; steps/step_{K-1}.json)."
+        ),
+    ],
     out: Annotated[
-        Path | None, typer.Option(help="HTML file (default: RUN/inspect/step_NNNNN.html).")
+        Path | None, typer.Option(help="HTML file (default: RUN/inspect/step_KKKKK.html).")
     ] = None,
+    root: RootOption = Path("runs"),
+    redis: RedisOption = None,
 ) -> None:
     """One self-contained HTML page: that step's rollouts, each token coloured by its CEPO and RLSD weight."""
     from cepo.inspect import cli_inspect
 
+    folder = _run_folder(run, root, redis)
     try:
-        cli_inspect(run, step, out, Console(soft_wrap=True))
+        cli_inspect(folder, step, out, Console(soft_wrap=True))
     except (ValueError, FileNotFoundError) as exc:
         _print_error(exc)
         raise typer.Exit(2) from None
@@ -368,13 +441,6 @@ def _table_console() -> Console:
     import sys
 
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-
-
-RedisOption = Annotated[
-    str | None,
-    typer.Option("--redis", envvar="CEPO_REDIS_URL", help="Redis URL of the ledger (default: run folders)."),
-]
-RootOption = Annotated[Path, typer.Option("--root", help="Folder of run folders (without Redis).")]
 
 
 @runs_app.command("list")
@@ -395,7 +461,7 @@ def runs_list(
 
 @runs_app.command("show")
 def runs_show(
-    run: Annotated[str, typer.Argument(help="Run id (or unique prefix), or a run folder.")],
+    run: Annotated[str, typer.Argument(help=RUN_HELP)],
     redis: RedisOption = None,
     root: RootOption = Path("runs"),
     steps: Annotated[int, typer.Option(min=0, help="Last step reports to show.")] = 5,

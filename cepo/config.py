@@ -689,9 +689,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MODEL_FOLDER = "a local Hugging Face model folder with config.json"
 
 
+def _local_looking(path: str) -> bool:
+    """A path no Hub id can be: absolute, ``./``/``../``/``~``-relative, or under ``models/`` (the project's
+    model folder; the Hub reserves ``models`` as a name, so it is never an organisation)."""
+    return (
+        Path(path).is_absolute()
+        or path.startswith(("./", "../", "~", ".\\", "..\\"))
+        or Path(path).parts[:1] == ("models",)
+    )
+
+
 def check_model_path(path: str, *, hub: bool = False) -> None:
     """FileNotFoundError naming ``model.path`` unless it is a folder with config.json or a Hub id
-    (``org/name``, left to the loaders, unless ``org`` is a local folder: then it is meant as a local path).
+    (``org/name``, left to the loaders, unless ``org`` is a local folder or the path looks local — absolute,
+    ``./``-relative or under ``models/`` — : then it is meant as a local path, and a missing one is refused).
 
     With ``hub``, a Hub id that is not in the local Hugging Face cache is also refused at once when the Hub
     cannot be reached (an offline switch is set, or its host does not answer within a few seconds) — instead of
@@ -703,7 +714,11 @@ def check_model_path(path: str, *, hub: bool = False) -> None:
         return
     if folder.exists():
         raise FileNotFoundError(f"model.path {path}: a file, not a folder ({_MODEL_FOLDER})")
-    if _HUB_ID.match(path) and not Path(path.split("/")[0]).expanduser().is_dir():
+    if (
+        _HUB_ID.match(path)
+        and not _local_looking(path)
+        and not Path(path.split("/")[0]).expanduser().is_dir()
+    ):
         if hub:
             from huggingface_hub import try_to_load_from_cache
 
@@ -717,7 +732,8 @@ def check_model_path(path: str, *, hub: bool = False) -> None:
                     "set model.path (--model) to a local model folder, e.g. models/tiny-arith (cepo bootstrap)"
                 )
         return
-    raise FileNotFoundError(f"model.path {path}: no such folder ({_MODEL_FOLDER})")
+    hint = "; cepo bootstrap builds models/tiny-arith" if Path(path).parts[:1] == ("models",) else ""
+    raise FileNotFoundError(f"model.path {path}: no such folder ({_MODEL_FOLDER}{hint})")
 
 
 def dump_config(config: RunConfig) -> str:

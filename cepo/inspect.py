@@ -1,6 +1,6 @@
 """``cepo inspect``: a token-credit heatmap of one training step (the paper's Figure 5).
 
-The controller records every step in ``RUN_DIR/steps/step_{step:05d}.json``: the rollouts of the step with, for
+The controller records every step in ``RUN_DIR/steps/step_{index:05d}.json``: the rollouts of the step with, for
 each response token, log P_S(y_t), log P_T⁺(y_t), log P_T⁻(y_t), Δ_t (Eq. 5) and the clipped evidence weights of
 CEPO (Eq. 7) and RLSD (Eq. 4) before λ mixing. This module
 
@@ -10,6 +10,11 @@ CEPO (Eq. 7) and RLSD (Eq. 4) before λ mixing. This module
 - renders it as one self-contained HTML page (:func:`render_heatmap`, :func:`write_heatmap`): per rollout the
   prompt, r⁺, r⁻, reward and advantage, and two token lines, CEPO and RLSD, each token coloured by its weight,
   with Δ, P_T⁺, P_T⁻, P_S and both weights on hover.
+
+Numbering. What a user sees and types is the k-th training step, k = 1, 2, …: ``cepo inspect --step K`` reads
+``steps/step_{K-1:05d}.json`` (the file's index and its ``step`` field count from 0, like the step reports in
+``metrics.jsonl``), and the page, its default file ``inspect/step_{K:05d}.html`` and every error message say
+"step K". The functions below that take ``index`` take the stored, 0-based one.
 
 Colours. Intensity is |w − 1| / ε_w (full colour at the clip). The default view, *credit*, colours by the
 direction in which the evidence moves the token relative to plain GRPO, sign(A)·(w − 1): green when the token
@@ -39,6 +44,7 @@ __all__ = [
     "StepNotFoundError",
     "cli_inspect",
     "load_step",
+    "recorded_steps",
     "render_heatmap",
     "step_path",
     "step_summary",
@@ -143,8 +149,9 @@ def token_weights(
 # Reading a step record
 
 
-def step_path(run_dir: Path | str, step: int) -> Path:
-    return Path(run_dir) / "steps" / f"step_{int(step):05d}.json"
+def step_path(run_dir: Path | str, index: int) -> Path:
+    """The record of the step with 0-based ``index`` (the user's step ``index + 1``)."""
+    return Path(run_dir) / "steps" / f"step_{int(index):05d}.json"
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -164,6 +171,7 @@ def _ranges(numbers: list[int]) -> str:
 
 
 def _available_steps(steps_dir: Path) -> list[int]:
+    """The 0-based indices of the step records in ``steps_dir``."""
     found = []
     for path in steps_dir.glob("step_*.json"):
         digits = path.stem.removeprefix("step_")
@@ -214,12 +222,19 @@ def _check_rollout(path: Path, index: int, row: Any) -> None:
             raise StepFormatError(f"{where}.{field}[{bad}] is {values[bad]!r}, not a number")
 
 
-def load_step(run_dir: Path | str, step: int) -> dict:
-    """Read and check ``RUN_DIR/steps/step_{step:05d}.json``.
+def recorded_steps(run_dir: Path | str) -> list[int]:
+    """The steps recorded in ``RUN_DIR/steps/``, numbered as the user names them (1 = the first step)."""
+    steps_dir = Path(run_dir) / "steps"
+    return [i + 1 for i in _available_steps(steps_dir)] if steps_dir.is_dir() else []
+
+
+def load_step(run_dir: Path | str, index: int) -> dict:
+    """Read and check ``RUN_DIR/steps/step_{index:05d}.json``, the record of step ``index + 1``.
 
     Raises :class:`StepNotFoundError` when the run folder, its ``steps/`` folder or the step is missing (the
-    message lists the steps that are there, e.g. ``available: 0-4``) and :class:`StepFormatError` naming the
-    file, the rollout index and the field when the record is malformed.
+    message says "step index + 1" and lists the recorded steps in the same numbering, e.g. ``recorded
+    steps: 1-5``) and :class:`StepFormatError` naming the file, the rollout index and the field when the record
+    is malformed.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -227,10 +242,11 @@ def load_step(run_dir: Path | str, step: int) -> dict:
     steps_dir = run_dir / "steps"
     if not steps_dir.is_dir():
         raise StepNotFoundError(f"{run_dir} has no steps/ folder: no step was recorded in this run")
-    path = step_path(run_dir, step)
+    path = step_path(run_dir, index)
     if not path.is_file():
         raise StepNotFoundError(
-            f"step {step} not in {steps_dir}; available: {_ranges(_available_steps(steps_dir))}"
+            f"step {int(index) + 1} was not recorded in {run_dir} (no {path.relative_to(run_dir)}); recorded "
+            f"steps: {_ranges(recorded_steps(run_dir))} (step k is the k-th training step)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -365,9 +381,12 @@ def render_heatmap(step_data: dict, *, title: str, run: str | None = None) -> st
     """
     rows = _prepared_rows(step_data)
     step_meta = {k: v for k, v in step_data.items() if k != "rollouts"}
+    index = step_meta.get("step")
     payload = {
         "title": title,
         "run": run,
+        # the page names the step as the user does: the k-th step (the record's field counts from 0)
+        "step_number": index + 1 if isinstance(index, int) and not isinstance(index, bool) else None,
         "step": step_meta,
         "summary": step_summary(step_data),
         "rows": rows,
@@ -401,25 +420,35 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_heatmap(run_dir: Path | str, step: int, out: Path | None = None) -> Path:
-    """Render step ``step`` of ``run_dir`` to ``out`` (default ``RUN_DIR/inspect/step_{step:05d}.html``),
-    written atomically; returns the path. Raises :class:`InspectError` like :func:`load_step`."""
+def write_heatmap(run_dir: Path | str, index: int, out: Path | None = None) -> Path:
+    """Render the record ``steps/step_{index:05d}.json`` of ``run_dir`` — step ``k = index + 1`` — to ``out``
+    (default ``RUN_DIR/inspect/step_{k:05d}.html``), written atomically; returns the path. Raises
+    :class:`InspectError` like :func:`load_step`."""
     run_dir = Path(run_dir)
-    data = load_step(run_dir, step)
+    data = load_step(run_dir, index)
     run_name = run_dir.resolve().name
-    page = render_heatmap(data, title=f"CEPO token credit: {run_name}, step {step}", run=run_name)
-    target = Path(out) if out is not None else run_dir / "inspect" / f"step_{int(step):05d}.html"
+    number = int(index) + 1
+    page = render_heatmap(data, title=f"CEPO token credit: {run_name}, step {number}", run=run_name)
+    target = Path(out) if out is not None else run_dir / "inspect" / f"step_{number:05d}.html"
     _write_atomic(target, page)
     return target
 
 
 def cli_inspect(run_dir: Path, step: int, out: Path | None, console) -> Path:
-    """What ``cepo inspect RUN_DIR --step N [--out FILE]`` runs: write the page and print its path.
+    """What ``cepo inspect --run RUN --step K [--out FILE]`` runs: write the page of the K-th training step
+    (``steps/step_{K-1:05d}.json``) and print its path.
 
-    On a missing or malformed step record it prints the error and exits with status 2 (``typer.Exit``).
+    On a step number below 1, or a missing or malformed step record, it prints the error and exits with status
+    2 (``typer.Exit``).
     """
     try:
-        path = write_heatmap(run_dir, step, out)
+        if step < 1:
+            recorded = recorded_steps(run_dir)
+            raise StepNotFoundError(
+                f"--step {step}: steps count from 1 (step k is the k-th training step)"
+                + (f"; recorded steps in {run_dir}: {_ranges(recorded)}" if recorded else "")
+            )
+        path = write_heatmap(run_dir, step - 1, out)
     except InspectError as exc:
         import typer
         from rich.markup import escape

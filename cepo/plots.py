@@ -4,6 +4,10 @@ A run folder (written by the trainer) holds ``config.yaml``, ``metrics.jsonl`` (
 :class:`~cepo_proto.pipeline.StepReport` per step, ``step`` 0-based), ``eval.jsonl`` (one line per held-out
 evaluation point and suite, ``step`` = steps done, 0 = the base policy) and, once finished, ``summary.json``.
 
+The x axis of every figure is **steps done**: the k-th training step (the step report whose ``step`` field is
+k − 1) is drawn at k, a held-out evaluation after k steps at k (the base policy at 0), so an evaluation sits on
+the step it follows; notes and legends name steps in the same numbering (:func:`step_number`).
+
 :func:`plot_run` writes four PNGs into ``RUN/plots/``: ``reward_accuracy.png`` (train reward and accuracy
 above, held-out accuracy ± standard error below), ``delta_fractions.png``, ``clip_rate.png`` (evidence-weight
 clip above, PPO ratio clip below, each on its own y range) and ``timing.png``. :func:`run_figures` returns the
@@ -59,6 +63,7 @@ __all__ = [
     "plot_run",
     "run_figures",
     "run_method",
+    "step_number",
     "teacher_active",
 ]
 
@@ -66,6 +71,8 @@ __all__ = [
 FIG_SIZE = (8.0, 5.0)
 FIG_DPI = 100
 PLOT_FILES = ("reward_accuracy.png", "delta_fractions.png", "clip_rate.png", "timing.png")
+# The x axis of every figure: training step k at k, an evaluation after k steps at k
+STEP_LABEL = "steps done"
 
 # One colour per method, in every figure (keys are lower-case method names or compare labels).
 METHOD_COLORS: dict[str, str] = {
@@ -165,6 +172,12 @@ def load_eval(run_dir: Path | str) -> list[dict[str, Any]]:
     return load_jsonl(Path(run_dir) / "eval.jsonl")
 
 
+def step_number(row: dict[str, Any]) -> int:
+    """Where a step report (or a comparison's per-step point) sits on the x axis: the k-th training step at k,
+    i.e. its ``step`` field (counted from 0) plus one."""
+    return int(row["step"]) + 1
+
+
 def eval_by_step(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, dict[str, Any]]]:
     """``{step: {suite: line}}`` sorted by step; a repeated (step, suite) keeps its last line."""
     out: dict[int, dict[str, dict[str, Any]]] = {}
@@ -252,7 +265,7 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 def _skipped(metrics: Sequence[dict[str, Any]], method: str) -> list[int]:
     active = teacher_active(metrics, method)
-    return [int(r["step"]) for r, on in zip(metrics, active, strict=True) if not on]
+    return [step_number(r) for r, on in zip(metrics, active, strict=True) if not on]
 
 
 def gap_note(metrics: Sequence[dict[str, Any]], method: str) -> str | None:
@@ -340,7 +353,7 @@ def _finite(values: Sequence[float]) -> list[float]:
 
 def _decorate(ax, ylabel: str, title: str | None, legend_loc: str | None) -> None:
     """Axis labels, title, grid and legend shared by every per-step figure."""
-    ax.set_xlabel("training step")
+    ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
@@ -428,7 +441,7 @@ def _heldout(
 
 def _reward_accuracy_figure(metrics, evals, method: str, every: int | None, title: str):
     fig, (ax_train, ax_eval) = _figure(nrows=2, sharex=True)
-    steps = [int(r["step"]) for r in metrics]
+    steps = [step_number(r) for r in metrics]
     colour = method_color(method)
     reward, accuracy = _col(metrics, "reward_mean"), _col(metrics, "accuracy")
     same = all(
@@ -513,7 +526,7 @@ def _reward_accuracy_figure(metrics, evals, method: str, every: int | None, titl
 
 def _delta_run_figure(metrics, method: str, title: str):
     fig, (ax,) = _figure()
-    steps = [int(r["step"]) for r in metrics]
+    steps = [step_number(r) for r in metrics]
     active = teacher_active(metrics, method)
     note = evidence_note(metrics, method)
     for key, colour, label in (
@@ -536,7 +549,7 @@ def _delta_run_figure(metrics, method: str, title: str):
 
 def _clip_figure(metrics, method: str, title: str):
     fig, (ax_w, ax_ppo) = _figure(nrows=2, sharex=True)
-    steps = [int(r["step"]) for r in metrics]
+    steps = [step_number(r) for r in metrics]
     active = teacher_active(metrics, method)
     note = evidence_note(metrics, method)
     weight = _col(metrics, "weight_clip_frac", active)
@@ -574,7 +587,7 @@ def _clip_figure(metrics, method: str, title: str):
 
 def _timing_figure(metrics, title: str):
     fig, (ax,) = _figure()
-    steps = [int(r["step"]) for r in metrics]
+    steps = [step_number(r) for r in metrics]
     from cepo_proto.pipeline import STAGES
 
     seen = list(dict.fromkeys(k for r in metrics for k in (r.get("stage_seconds") or {})))
@@ -689,7 +702,7 @@ def curves_figure(results: dict[str, Any]):
         if not curve:
             continue
         n = results["aggregate"][m]["seeds"]
-        steps = [int(p["step"]) for p in curve]
+        steps = [int(p["step"]) for p in curve]  # held-out: already steps done
         _heldout(
             ax,
             steps,
@@ -706,7 +719,7 @@ def curves_figure(results: dict[str, Any]):
         ax.axhline(100 * base["mean"], color="0.4", linestyle=":", linewidth=1.2, label="base", zorder=1)
     if not drawn:
         ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="0.3")
-    ax.set_xlabel("training step")
+    ax.set_xlabel(STEP_LABEL)
     ax.set_ylabel("held-out accuracy, average over suites (%)")
     ax.set_title("Held-out accuracy during training (mean ± s.e. over seeds)")
     ax.grid(alpha=0.3)
@@ -734,11 +747,11 @@ def _skipped_steps(results: dict[str, Any], method: str, delta: Sequence[dict[st
     for path in _run_paths(results, method):
         for row in load_metrics(path):
             if row.get("lam") is not None:
-                lam.setdefault(int(row["step"]), []).append(float(row["lam"]))
+                lam.setdefault(step_number(row), []).append(float(row["lam"]))
     skipped = {st for st, values in lam.items() if all(v <= 0.0 for v in values)}
     for p in delta:
         if p["pos"] == 0.0 and p["neg"] == 0.0 and not p.get("pos_se") and not p.get("neg_se"):
-            skipped.add(int(p["step"]))
+            skipped.add(step_number(p))
     return skipped
 
 
@@ -755,7 +768,7 @@ def delta_figure(results: dict[str, Any]):
         skipped = _skipped_steps(results, m, delta)
         if skipped:
             gaps[m] = sorted(skipped)
-        steps = [int(p["step"]) for p in delta]
+        steps = [step_number(p) for p in delta]
         all_steps.update(steps)
         for ax, key in ((ax_pos, "pos"), (ax_neg, "neg")):
             ys = [math.nan if st in skipped else float(p[key]) for st, p in zip(steps, delta, strict=True)]
@@ -786,7 +799,7 @@ def delta_figure(results: dict[str, Any]):
     for ax, sign in ((ax_pos, "positive"), (ax_neg, "negative")):
         if gaps:
             _skipped_spans(ax, sorted(set().union(*gaps.values())), label)
-        ax.set_xlabel("training step")
+        ax.set_xlabel(STEP_LABEL)
         ax.set_ylabel("fraction of scored tokens")
         ax.set_title(f"tokens with {sign} Δ (mean ± s.e. over seeds)")
         ax.set_ylim(-0.02, 1.02)

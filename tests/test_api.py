@@ -312,7 +312,7 @@ def test_config_validation_names_the_field(on_path, overrides, message):
     assert message in str(info.value)
 
 
-def test_config_validate_command_checks_the_hook(on_path):
+def test_config_validate_command_checks_the_hook(on_path, tiny_model_dir):  # tiny.yaml's model.path exists
     from typer.testing import CliRunner
 
     from cepo.cli import app

@@ -195,6 +195,16 @@ def test_check_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         check_model_path("empty/tiny")  # looks like a Hub id, but empty/ is a local folder
     with pytest.raises(FileNotFoundError, match="no such folder"):
         check_model_path("/nonexistent/model")
+    for hub in (False, True):  # no models/ here, yet models/… is a local path: the Hub reserves "models"
+        with pytest.raises(FileNotFoundError, match=r"models/tiny: no such folder .*cepo bootstrap builds"):
+            check_model_path("models/tiny", hub=hub)
+
+
+def test_config_validate_names_a_missing_model_path(tmp_path: Path) -> None:
+    done = _cepo(tmp_path, "config", "validate", "-c", "configs/tiny.yaml", "--set", "model.path=models/nope")
+    line = _one_error(done)
+    assert line.startswith("error: model.path models/nope: no such folder"), line
+    assert "ok:" not in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------- main()
@@ -277,3 +287,37 @@ def test_default_error_log_location(tmp_path: Path) -> None:
     )
     _one_error(done)
     _traceback_note(done, tmp_path / "cache" / "cepo" / "last-error.log")
+
+
+def test_a_run_is_named_by_path_or_id_in_eval_and_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`eval --adapter` takes an adapter folder, a run (folder or id: its adapter/) or a checkpoint folder;
+    `train --resume` a run folder or id; an unknown run is one error line with the close matches."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cepo.cli import _adapter_folder, app
+
+    root = tmp_path / "runs"
+    run = root / "cmp" / "cepo" / "seed0"
+    for adapter in (run / "adapter", run / "checkpoints" / "step_00010" / "adapter"):
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("name: x\n")
+    assert _adapter_folder(str(run / "adapter"), root, None) == run / "adapter"  # an adapter folder
+    assert _adapter_folder(str(run), root, None) == run / "adapter"  # a run folder: its adapter
+    assert _adapter_folder("cmp/cepo/seed0", root, None) == run / "adapter"  # a run id
+    assert _adapter_folder("cepo/seed0", root, None) == run / "adapter"
+    checkpoint = run / "checkpoints" / "step_00010"
+    assert _adapter_folder(str(checkpoint), root, None) == checkpoint / "adapter"
+    with pytest.raises(typer.Exit):
+        _adapter_folder("cepo/sead0", root, None)
+
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["eval", "-c", str(REPO / "configs/tiny.yaml"), "--adapter", "cepo/sead0"])
+    text = " ".join(done.output.split())
+    assert done.exit_code == 2 and "--adapter cepo/sead0: not a PEFT adapter folder, and not a run" in text
+    assert "close matches: cmp/cepo/seed0" in text
+    done = CliRunner().invoke(app, ["train", "--resume", "cmp/cepo/sead0"])
+    assert done.exit_code == 2 and "close matches: cmp/cepo/seed0" in " ".join(done.output.split())

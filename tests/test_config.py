@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,9 @@ def test_cross_field_checks(tmp_path):
         load_config(overrides=["novalue"])
 
 
-def test_cli_reports_config_errors_with_exit_code_2():
+def test_cli_reports_config_errors_with_exit_code_2(tiny_model_dir):  # tiny.yaml's model.path must exist
     cmd = [sys.executable, "-m", "cepo.cli", "config", "validate", "-c", str(ROOT / "configs/tiny.yaml")]
-    ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    ok = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([*cmd, "--set", "learner.clip_lo=0.1"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "unknown key 'learner.clip_lo'" in bad.stderr
@@ -152,3 +153,47 @@ def test_every_config_field_is_read_somewhere():
     ]
     assert len(_leaf_fields(RunConfig)) > 80
     assert unread == []
+
+
+def test_validate_refuses_a_model_path_that_does_not_exist(tmp_path):
+    """`cepo config validate` checks model.path as `cepo eval` does: one line naming model.path for a local
+    path that is not a model folder, and a Hub id offline only when it is in the local cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CEPO_ERROR_LOG",)}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "CEPO_ERROR_LOG": str(tmp_path / "e"),
+    }
+    cmd = [sys.executable, "-m", "cepo.cli", "config", "validate", "-c", str(ROOT / "configs/tiny.yaml")]
+
+    def run(model: str) -> subprocess.CompletedProcess:
+        args = [*cmd, "--set", f"model.path={model}"]
+        return subprocess.run(args, capture_output=True, text=True, check=False, cwd=tmp_path, env=env)
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    # the repository's models/ is not here (cwd is tmp_path): models/… is still a local path, not a Hub id
+    for model, line in (
+        (
+            "models/nope",
+            "error: model.path models/nope: no such folder (a local Hugging Face model folder with config.json; "
+            "cepo bootstrap builds models/tiny-arith)",
+        ),
+        ("empty", "error: model.path empty: no config.json in that folder"),
+        ("org/name", "error: model.path org/name: a model on the Hugging Face Hub, not in the local cache"),
+    ):
+        done = run(model)
+        assert done.returncode == 2, done.stderr
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(line), done.stderr
+        assert "ok:" not in done.stderr
+    # a Hub id in the local cache is accepted offline, and so is a local model folder
+    snapshot = tmp_path / "hub" / "models--org--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--cached" / "refs" / "main").write_text("0" * 40)
+    for model in ("org/cached", "model", str(tmp_path / "model")):
+        done = run(model)
+        assert done.returncode == 0 and done.stderr.startswith("ok: "), (model, done.stderr)

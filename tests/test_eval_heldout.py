@@ -42,8 +42,22 @@ def jsonl_config(path: Path, *overrides: str) -> Any:
     )
 
 
+def _local_model() -> Path:
+    """A stand-in model folder (config.json): `config validate` refuses the paper's Hub model offline unless it is
+    cached, and these tests are about the data, not the model."""
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"cepo-test-model-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
 def validate(*args: str) -> Any:
-    return CliRunner().invoke(app, ["config", "validate", *args])
+    model = (
+        [] if any(a.startswith("model.path=") for a in args) else ["--set", f"model.path={_local_model()}"]
+    )
+    return CliRunner().invoke(app, ["config", "validate", *args, *model])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from cepo.inspect import (
     _ranges,
     cli_inspect,
     load_step,
+    recorded_steps,
     render_heatmap,
     step_summary,
     token_weights,
@@ -221,11 +222,15 @@ def test_load_step_missing_run_and_step(tmp_path):
     run = tmp_path / "x"
     _write_steps(run, {s: {"step": s, "rollouts": []} for s in range(5)})
     with pytest.raises(StepNotFoundError) as err:
-        load_step(run, 7)
-    assert str(err.value) == f"step 7 not in {run / 'steps'}; available: 0-4"
+        load_step(run, 7)  # the stored index 7: the 8th step
+    assert str(err.value) == (
+        f"step 8 was not recorded in {run} (no steps/step_00007.json); recorded steps: 1-5 "
+        "(step k is the k-th training step)"
+    )
     (run / "steps" / "step_00009.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"available: 0-4, 9$"):
+    with pytest.raises(FileNotFoundError, match=r"recorded steps: 1-5, 10 \(step k"):
         load_step(run, 6)
+    assert recorded_steps(run) == [1, 2, 3, 4, 5, 10] and recorded_steps(tmp_path / "nope") == []
 
 
 def test_load_step_length_mismatch_names_file_rollout_and_field(tmp_path):
@@ -341,33 +346,86 @@ def test_write_heatmap_default_path_and_cli(tmp_path):
 
     run = tmp_path / "myrun"
     _write_steps(run, {0: _synthetic_step(), 1: _synthetic_step()})
-    path = write_heatmap(run, 1)
-    assert path == run / "inspect" / "step_00001.html"
+    path = write_heatmap(run, 1)  # the stored index 1: the 2nd step, named so
+    assert path == run / "inspect" / "step_00002.html"
     assert path.read_text().startswith("<!DOCTYPE html>")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["step_00001.html"]  # no temp file left behind
+    assert "<title>CEPO token credit: myrun, step 2</title>" in path.read_text()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step_00002.html"]  # no temp file left behind
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=300)
-    out = cli_inspect(run, 0, tmp_path / "elsewhere" / "page.html", console)
+    out = cli_inspect(run, 1, tmp_path / "elsewhere" / "page.html", console)  # the 1st step: step_00000.json
     assert out == tmp_path / "elsewhere" / "page.html" and out.is_file()
     assert str(out) in buffer.getvalue()
+    assert "<title>CEPO token credit: myrun, step 1</title>" in out.read_text()
 
     import typer
 
-    buffer = io.StringIO()
-    with pytest.raises(typer.Exit) as err:
-        cli_inspect(run, 5, None, Console(file=buffer, width=300))
-    assert err.value.exit_code == 2
-    assert "step 5 not in" in buffer.getvalue() and "available: 0-1" in buffer.getvalue()
+    for bad, said in ((3, "step 3 was not recorded"), (0, "--step 0: steps count from 1")):
+        buffer = io.StringIO()
+        with pytest.raises(typer.Exit) as err:
+            cli_inspect(run, bad, None, Console(file=buffer, width=300))
+        assert err.value.exit_code == 2
+        assert said in buffer.getvalue() and "recorded steps" in buffer.getvalue()
+        assert ": 1-2" in buffer.getvalue()
 
     from typer.testing import CliRunner
 
     from cepo.cli import app
 
+    # --step K is the K-th step, as the console prints it: --step 1 reads steps/step_00000.json
     done = CliRunner().invoke(app, ["inspect", "--run", str(run), "--step", "1"])
     assert done.exit_code == 0 and "step_00001.html" in done.output
+    assert "myrun, step 1</title>" in (run / "inspect" / "step_00001.html").read_text()
     done = CliRunner().invoke(app, ["inspect", "--run", str(run), "--step", "9"])
-    assert done.exit_code == 2 and "available: 0-1" in done.output
+    assert done.exit_code == 2 and "step 9 was not recorded" in done.output
+    assert "recorded steps: 1-2" in " ".join(done.output.split())
+    done = CliRunner().invoke(app, ["inspect", "--run", str(run), "--step", "0"])
+    assert done.exit_code == 2 and "steps count from 1" in done.output
+
+
+def test_inspect_names_the_run_by_path_or_id(tmp_path, monkeypatch):
+    """--run takes a run folder or an id under --root (nested ones too, a unique prefix, the id after a
+    leading runs/), and names close matches when nothing matches."""
+    from typer.testing import CliRunner
+
+    from cepo.cli import app
+
+    root = tmp_path / "runs"
+    for rel in ("cmp/cepo/seed0", "cmp/cepo/seed1", "tiny-20250101-120000"):
+        folder = root / rel
+        _write_steps(folder, {0: _synthetic_step(), 1: _synthetic_step()})
+        (folder / "config.yaml").write_text("name: x\n")
+    runner = CliRunner()
+
+    def inspect(run: str, *more: str):
+        return runner.invoke(app, ["inspect", "--run", run, "--step", "2", "--root", str(root), *more])
+
+    for name, folder in (
+        ("cmp/cepo/seed1", "cmp/cepo/seed1"),
+        ("tiny-2025", "tiny-20250101-120000"),
+        ("cepo/seed0", "cmp/cepo/seed0"),
+        (str(root / "cmp" / "cepo" / "seed0"), "cmp/cepo/seed0"),
+    ):
+        page = root / folder / "inspect" / "step_00002.html"
+        page.unlink(missing_ok=True)
+        done = inspect(name)
+        assert done.exit_code == 0, (name, done.output)
+        assert page.is_file(), name
+    # the default root is runs/ of the working directory; runs/<id> works as a path and as an id prefix
+    monkeypatch.chdir(tmp_path)
+    for name in ("cmp/cepo/seed1", "runs/cmp/cepo/seed1", "runs/tiny"):
+        done = runner.invoke(app, ["inspect", "--run", name, "--step", "1"])
+        assert done.exit_code == 0, (name, done.output)
+
+    done = inspect("cmp/cepo/seed")
+    assert done.exit_code == 2 and "ambiguous" in done.output
+    assert "cmp/cepo/seed0, cmp/cepo/seed1" in done.output
+    done = inspect("cmp/cepo/sed0")
+    text = " ".join(done.output.split())
+    assert (
+        done.exit_code == 2 and "no run 'cmp/cepo/sed0'" in text and "close matches: cmp/cepo/seed0" in text
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -422,6 +480,9 @@ def _rgb(style: str) -> tuple[int, int, int]:
 PROBE = """<script>
 (function () {
   const out = {};
+  out.initialSort = document.getElementById("sort").value;
+  out.initialOrder = Array.from(document.querySelectorAll(".card")).map(c => c.dataset.index);
+  out.maxAbsDelta = Array.from(document.querySelectorAll(".card")).map(c => Number(c.dataset.maxAbsDelta));
   const spans = document.querySelectorAll('.card[data-index="0"] .toks[data-line="w_cepo"] .tok');
   spans[2].dispatchEvent(new MouseEvent("mouseover", {bubbles: true, clientX: 40, clientY: 40}));
   const tip = document.getElementById("tip");
@@ -443,6 +504,7 @@ PROBE = """<script>
   out.sorted = Array.from(document.querySelectorAll(".card")).map(c => c.dataset.index);
   sort.value = "index";
   sort.dispatchEvent(new Event("change"));
+  out.asSampled = Array.from(document.querySelectorAll(".card")).map(c => c.dataset.index);
   const colour = document.getElementById("colour");
   colour.value = "weight";
   colour.dispatchEvent(new Event("change"));
@@ -514,18 +576,24 @@ def test_heatmap_inchromium(tmp_path):
     assert hostile == ["</script>", "<b>", "&amp;", "↵\n", "∅", "␣␣", "<!--", "\u2028"]
     assert all("style" not in t or "background-color" not in t["style"] for t in dom.toks[20:])
     assert "data-w-cepo" not in dom.toks[20]
-    assert probe["title"] == "CEPO token credit: run, step 3"
+    assert probe["title"] == "CEPO token credit: run, step 4"  # the record's step 3 counts from 0
     assert "not scored by the teacher" in dom.ids["rollouts"]["_text"]
     assert "</script><script>document.title='pwned'</script>" in dom.ids["rollouts"]["_text"]
 
     # header, clip rates, controls
     header = dom.ids["app"]["_text"]
     assert "method cepo" in header and "λ 0.440" in header and "ε_w 0.500" in header
+    assert "step 4" in header and "step 3" not in header
     assert "rollouts 3" in header and "scored tokens 10" in header
     assert dom.ids["clip-cepo"]["_text"].endswith("20.0%")
     assert dom.ids["clip-rlsd"]["_text"].endswith("30.0%")
     assert probe["hiddenWhenWrong"] == ["0", "2"] and probe["hiddenWhenCorrect"] == ["1"]
     assert probe["sorted"] == ["1", "0", "2"]
+    # the page opens on the rollout with the largest |Δ| (the blamed "8", |Δ| = 3.689), "as sampled" on demand
+    assert probe["initialSort"] == "absdelta" and probe["initialOrder"] == ["1", "0", "2"]
+    assert probe["maxAbsDelta"] == pytest.approx([-L(0.025), L(10), -1], abs=1e-4)
+    assert probe["asSampled"] == ["0", "1", "2"]
+    assert "max |Δ| = 3.689" in dom.ids["rollouts"]["_text"]
     assert re.fullmatch(r"rgb\(34, 197, 94\)", probe["blamedInWeightMode"])  # weight view: w > 1 is green
 
     # 2. a screenshot of the real page: both colours are on screen
@@ -540,3 +608,52 @@ def test_heatmap_inchromium(tmp_path):
     red = (r >= 180) & (r - g >= 120) & (r - b >= 120)
     assert green.sum() >= 50, f"only {green.sum()} green-dominant pixels"
     assert red.sum() >= 50, f"only {red.sum()} red-dominant pixels"
+
+
+def test_heatmap_opens_on_the_largest_delta_in_chromium(tmp_path):
+    """The default order is largest |Δ| first (not as sampled, not by |A|): a page whose first rollouts carry
+    no evidence opens on the one that does."""
+    flat = [0.5, 0.5, 0.5]
+    quiet = _row(0, True, 2.0, ["1", "+", "1"], pos=flat, neg=flat, stu=flat)  # Δ = 0: an all-white row
+    mild = _row(0, False, -1.0, ["1", "+", "2"], pos=[0.5, 0.5, 0.4], neg=[0.5, 0.5, 0.5], stu=flat)
+    strong = _row(1, True, 0.5, ["2", "+", "2"], pos=[0.5, 0.5, 0.9], neg=[0.5, 0.5, 0.1], stu=flat)
+    unscored = _row(1, False, 0.0, ["x"], [], [], [0.5], negative=None, scored=False)
+    data = {
+        "step": 0,
+        "method": "cepo",
+        "lam": 0.5,
+        "eps_w": 0.5,
+        "rollouts": [quiet, unscored, mild, strong],
+    }
+    run = tmp_path / "run"
+    _write_steps(run, {0: data})
+    page = write_heatmap(run, 0)
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            """<script>
+const pre = document.createElement("pre");
+pre.id = "probe";
+pre.textContent = JSON.stringify({
+  sort: document.getElementById("sort").value,
+  options: Array.from(document.getElementById("sort").options).map(o => o.value + "=" + o.textContent),
+  order: Array.from(document.querySelectorAll(".card")).map(c => c.dataset.index),
+});
+document.body.appendChild(pre);
+</script>
+</body>""",
+        )
+    )
+    dom = _Dom()
+    dom.feed(chromium("--dump-dom", probe.as_uri(), tmp=tmp_path).stdout)
+    dom.close()
+    found = json.loads(dom.ids["probe"]["_text"])
+    assert found["sort"] == "absdelta"
+    assert found["options"] == [
+        "absdelta=largest |Δ| first",
+        "index=as sampled",
+        "absadv=by |A|, largest first",
+    ]
+    assert found["order"] == ["3", "2", "0", "1"]  # |Δ| 2.20, 0.22, 0, then the unscored row
+    assert "step 1" in dom.ids["app"]["_text"]

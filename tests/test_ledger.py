@@ -23,6 +23,7 @@ from cepo.ledger import (
     list_run_folders,
     mask_url,
     read_run_folder,
+    resolve_run,
     run_details,
     runs_table,
 )
@@ -380,6 +381,68 @@ def test_nested_run_folders_and_held_out_accuracy(tmp_path: Path) -> None:
     assert "held-out (greedy)" in buf.getvalue() and "0.900 → 0.800 @2" in buf.getvalue()
 
 
+def test_resolve_run_by_path_or_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One resolver for every command: a folder path, or an id under the root (nested, a unique prefix, the
+    id after a leading ROOT/, a unique tail), else one error naming close matches."""
+    root = tmp_path / "runs"
+    top = _write_run_folder(root / "tiny-20250101-120000")
+    seeds = [_write_run_folder(root / "cmp" / m / "seed0") for m in ("cepo", "grpo")]
+    seed10 = _write_run_folder(root / "cmp" / "cepo" / "seed10")
+    assert resolve_run(top, root) == top  # a path
+    assert resolve_run(str(seeds[0]), tmp_path / "elsewhere") == seeds[0]
+    assert resolve_run("tiny-20250101-120000", root) == top  # an id
+    assert resolve_run("tiny-2025", root) == top  # a unique prefix
+    assert resolve_run("cmp/cepo/seed0", root) == seeds[0]  # exact, though seed10 shares the prefix
+    assert resolve_run("cmp/grpo", root) == seeds[1]
+    assert resolve_run("grpo/seed0", root) == seeds[1]  # a unique tail
+    assert resolve_run("seed10", root) == seed10
+    # an existing folder is taken as it is: the command says what it lacks
+    assert resolve_run(root / "cmp", root) == root / "cmp"
+    with pytest.raises(LedgerError, match=r"ambiguous .*: cmp/cepo/seed0, cmp/grpo/seed0$"):
+        resolve_run("seed0", root)
+    with pytest.raises(LedgerError) as err:
+        resolve_run("cmp/cepo/sead0", root)
+    assert str(err.value) == (
+        f"no run 'cmp/cepo/sead0': no such folder, and no run id under {root} matches it; "
+        "close matches: cmp/cepo/seed0, cmp/cepo/seed10, cmp/grpo/seed0"
+    )
+    with pytest.raises(
+        LedgerError, match=rf"no run folder {re.escape(str(tmp_path / 'gone'))}: no such folder$"
+    ):
+        resolve_run(tmp_path / "gone", root)  # an absolute path is not looked up as an id
+    with pytest.raises(LedgerError, match="holds no run folders"):
+        resolve_run("x", tmp_path / "empty-root")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(LedgerError, match="a file, not a run folder"):
+        resolve_run(tmp_path / "file.txt", root)
+    monkeypatch.chdir(tmp_path)  # the default root: runs/ of the working directory
+    assert resolve_run("runs/tiny-2025", "runs") == Path("runs") / "tiny-20250101-120000"
+    assert resolve_run("cepo/seed10") == Path("runs") / "cmp" / "cepo" / "seed10"
+    with pytest.raises(LedgerError, match=r"run folders below it: cmp/cepo/seed0, .*tiny-20250101-120000"):
+        read_run_folder("runs")
+
+
+def test_runs_show_numbers_steps_as_the_console_does(tmp_path: Path) -> None:
+    """Step reports count from 0 in metrics.jsonl; `runs show` names the k-th step k, as the console does,
+    and checkpoints / held-out by the steps done before them."""
+    root = tmp_path / "runs"
+    folder = _write_run_folder(root / "cmp" / "cepo" / "seed0")
+    lines = [json.dumps(_report(0)), json.dumps(_report(1, samples=[SAMPLE]))]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _write_eval(folder, {0: {"test": 0.5}, 2: {"test": 0.75}})
+    for name in ("cmp/cepo/seed0", "cepo/seed0", str(folder)):
+        console, buf = _console()
+        cli_show(name, None, root, 5, console)
+        out = buf.getvalue()
+        assert "run cmp/cepo/seed0" in out, name  # the id `runs list` shows, however it was named
+        assert re.search(r"steps done\s+2\b", out) and "after step" in out
+        steps = re.search(r"last 2 steps(.*?)sample rollout", out, re.S).group(1)
+        assert [int(n) for n in re.findall(r"^│\s+(\d+) │", steps, re.M)] == [1, 2]
+        assert "sample rollout (step 2)" in out
+        assert re.search(r"│ step\s+│\s+2 │", out)  # last metrics: the 2nd step, not its stored 1
+        assert "0.500 → 0.750 @2" in out  # held-out after 2 steps
+
+
 def test_cli_redis(redis_url: str) -> None:
     run_id = f"cli-{uuid.uuid4().hex[:10]}"
     with RunLedger(redis_url) as led:
@@ -402,3 +465,28 @@ def test_cli_redis(redis_url: str) -> None:
 
     with pytest.raises(LedgerError, match=r"logging\.redis_url"):
         cli_list(f"redis://127.0.0.1:{free_port()}/0", Path("runs"), 5, console)
+
+
+def test_resolve_run_by_redis_id(redis_url: str, tmp_path: Path) -> None:
+    """The id `runs list --redis` shows (name-time-pid) names the run too, when its folder is on this machine."""
+    tag = uuid.uuid4().hex[:8]
+    folder = _write_run_folder(tmp_path / "runs" / "tiny-20250101-120000")
+    here, gone = f"here-{tag}-4242", f"gone-{tag}-1111"
+    with RunLedger(redis_url) as led:
+        _start(led, here, run_dir=str(folder))
+        _start(led, gone, run_dir=str(tmp_path / "elsewhere"))
+    root = tmp_path / "no-runs"
+    try:
+        assert resolve_run(here, root, redis_url) == folder
+        assert resolve_run(f"here-{tag}", root, redis_url) == folder  # a unique prefix
+        with pytest.raises(LedgerError, match=r"its run folder .*elsewhere is not on this machine"):
+            resolve_run(gone, root, redis_url)
+        with pytest.raises(
+            LedgerError, match=rf"no run 'nope-{tag}'.*no run 'nope-{tag}' in the Redis ledger"
+        ):
+            resolve_run(f"nope-{tag}", root, redis_url)
+    finally:
+        with RunLedger(redis_url) as led:
+            for run_id in (here, gone):
+                led._r.delete(led.run_key(run_id), led.checkpoints_key(run_id), led.steps_key(run_id))
+                led._r.zrem(led.runs_key, run_id)

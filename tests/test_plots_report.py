@@ -243,8 +243,22 @@ def test_plot_run_without_eval_and_cli(tmp_path):
 
     done = CliRunner().invoke(app, ["plot", "--run", str(run)])
     assert done.exit_code == 0 and (run / "plots" / "timing.png").is_file()
+    # the same run by its id under --root (its path below the root, or a unique prefix of it)
+    for name in ("rlsd/seed1", "rlsd/se", "seed1"):
+        out = tmp_path / "by-id" / name.replace("/", "_")
+        done = CliRunner().invoke(app, ["plot", "--run", name, "--root", str(tmp_path), "--out", str(out)])
+        assert done.exit_code == 0 and (out / "timing.png").is_file(), done.output
+    done = CliRunner().invoke(app, ["plot", "--run", "rlsb/seed1", "--root", str(tmp_path)])
+    assert (
+        done.exit_code == 2
+        and "no run 'rlsb/seed1'" in done.output
+        and "close matches: rlsd/seed1" in done.output
+    )
     done = CliRunner().invoke(app, ["plot", "--run", str(tmp_path / "nothing")])
-    assert done.exit_code == 2 and "metrics.jsonl" in done.output
+    assert done.exit_code == 2 and f"no run folder {tmp_path / 'nothing'}: no such folder" in done.output
+    (tmp_path / "empty").mkdir()
+    done = CliRunner().invoke(app, ["plot", "--run", str(tmp_path / "empty")])
+    assert done.exit_code == 2 and "metrics.jsonl" in done.output  # a folder: the command says what it lacks
 
 
 # ------------------------------------------------------------------------------ what the figures promise
@@ -274,16 +288,16 @@ def test_teacher_skipped_steps_are_gaps_not_zeros(tmp_path):
     delta, clip = figs["delta_fractions.png"], figs["clip_rate.png"]
     for fig, gid in ((delta, "delta_pos_frac"), (delta, "delta_neg_frac"), (clip, "weight_clip_frac")):
         line = _line(fig, gid)
-        assert list(line.get_xdata()) == list(range(6))
+        assert list(line.get_xdata()) == list(range(1, 7))  # steps done: the k-th step at k
         ys = list(line.get_ydata())
         assert all(math.isfinite(y) and y > 0 for y in ys[:3]), (gid, ys)
         assert all(math.isnan(y) for y in ys[3:]), (gid, ys)
     # the gaps are shaded and the legend says why
     for fig in (delta, clip):
         labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
-        assert "gaps: λ = 0 at steps 3–5 (teacher skipped)" in labels
+        assert "gaps: λ = 0 at steps 4–6 (teacher skipped)" in labels  # the 4th to the 6th step
         assert any(p.get_gid() == "teacher-skipped" for ax in fig.axes for p in ax.patches)
-    assert gap_note(load_metrics(run), "cepo") == "gaps: λ = 0 at steps 3–5 (teacher skipped)"
+    assert gap_note(load_metrics(run), "cepo") == "gaps: λ = 0 at steps 4–6 (teacher skipped)"
     assert teacher_active(load_metrics(run), "cepo") == [True] * 3 + [False] * 3
     # the PPO clip rate keeps its zeros-free values on its own panel, with a y range that shows them
     ppo = _line(clip, "ppo_clip_frac")
@@ -353,6 +367,25 @@ def test_heldout_points_have_error_bars_and_are_not_joined_across_gaps(tmp_path)
     assert list(gap.get_xdata())[:2] == [2, 8] and gap.get_linestyle() == "--"
 
 
+def test_x_axis_is_steps_done(tmp_path):
+    """Training step k (report step k − 1) at k, held-out after k steps at k: the last evaluation of a 30-step
+    run sits on the last training step, not one past the end of a 0–29 axis."""
+    run = write_run(tmp_path, "cepo", 1, steps=30, eval_every=10)
+    figs = run_figures(run)
+    fig = figs["reward_accuracy.png"]
+    train = _line(fig, "train:accuracy")
+    assert list(train.get_xdata()) == list(range(1, 31))
+    points = _line(fig, "heldout:average:points")
+    assert list(points.get_xdata()) == [0, 10, 20, 30]  # eval.jsonl's steps done, the base policy at 0
+    assert max(train.get_xdata()) == max(points.get_xdata())
+    lo, hi = points.axes.get_xlim()
+    assert lo == pytest.approx(-0.5) and hi == pytest.approx(30.5)
+    for name, fig in figs.items():
+        assert all(ax.get_xlabel() in ("steps done", "") for ax in fig.axes), name
+        assert any(ax.get_xlabel() == "steps done" for ax in fig.axes), name
+    assert list(_line(figs["clip_rate.png"], "ppo_clip_frac").get_xdata()) == list(range(1, 31))
+
+
 def test_compare_delta_figure_gaps_where_lambda_is_zero(tmp_path):
     for seed in (1, 2):
         run = write_run(tmp_path, "cepo", seed, steps=6)
@@ -365,7 +398,9 @@ def test_compare_delta_figure_gaps_where_lambda_is_zero(tmp_path):
         assert all(math.isfinite(y) for y in ys[:4]) and all(math.isnan(y) for y in ys[4:]), ys
     assert not _lines(fig, "delta:pos:grpo")  # no teacher: not drawn
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "gaps: teacher skipped (λ = 0), steps 4–5" in labels
+    assert "gaps: teacher skipped (λ = 0), steps 5–6" in labels  # reports 4 and 5: the 5th and 6th steps
+    assert list(_line(fig, "delta:pos:cepo").get_xdata()) == list(range(1, 7))
+    assert fig.axes[0].get_xlabel() == "steps done"
     # the run folders gone (a results.json read elsewhere): steps with both fractions exactly 0 are gaps too
     for seed in (1, 2):
         results["runs"]["cepo"][str(seed)]["path"] = str(tmp_path / "elsewhere")

@@ -108,7 +108,8 @@
     parent.appendChild(item);
   }
   metaItem(meta, "run", data.run == null ? "n/a" : String(data.run));
-  metaItem(meta, "step", step.step == null ? "n/a" : String(step.step));
+  // the k-th training step (the record's own "step" field counts from 0)
+  metaItem(meta, "step", data.step_number == null ? "n/a" : String(data.step_number));
   metaItem(meta, "method", step.method == null ? "n/a" : String(step.method));
   metaItem(meta, "\u03bb", fmtNum(step.lam, 3));
   metaItem(meta, "\u03b5_w", fmtNum(step.eps_w, 3));
@@ -147,7 +148,9 @@
     return sel;
   }
   const filterSel = select("filter", "show", [["all", "all"], ["correct", "only correct"], ["wrong", "only wrong"]]);
-  const sortSel = select("sort", "order", [["index", "as sampled"], ["absadv", "by |A|, largest first"]]);
+  // default: the rollout with the largest |Δ| first, so the page opens on the strongest token evidence
+  const sortSel = select("sort", "order", [["absdelta", "largest |\u0394| first"], ["index", "as sampled"],
+    ["absadv", "by |A|, largest first"]]);
   const modeSel = select("colour", "colour", [["credit", "credit: sign(A)\u00b7(w\u22121)"],
     ["weight", "weight: w\u22121"]]);
   const legend = el("span", "legend");
@@ -200,9 +203,22 @@
     card.appendChild(line);
   }
 
+  // The largest |Δ_t| of a row (an infinite one counts, NaN does not); -1 when the row has no Δ.
+  function maxAbsDelta(row) {
+    let best = -1;
+    if (!row.scored || row.delta == null) return best;
+    for (let i = 0; i < row.delta.length; i++) {
+      const d = at(row.delta, i);
+      if (d != null && !Number.isNaN(d) && Math.abs(d) > best) best = Math.abs(d);
+    }
+    return best;
+  }
+
   rows.forEach(function (row, index) {
     const card = el("div", "card");
     card.dataset.index = String(index);
+    const peak = maxAbsDelta(row);
+    card.dataset.maxAbsDelta = String(peak);
     card.dataset.correct = row.correct === true ? "true" : row.correct === false ? "false" : "unknown";
     const adv = num(row.advantage);
     card.dataset.absAdv = String(adv == null ? 0 : Math.abs(adv));
@@ -212,6 +228,7 @@
       row.correct === true ? "correct" : row.correct === false ? "wrong" : "unverified"));
     head.appendChild(el("span", null, "reward " + fmtNum(row.reward, 3)));
     head.appendChild(el("span", null, "A = " + fmtSigned(adv, 3)));
+    if (peak >= 0) head.appendChild(el("span", null, "max |\u0394| = " + fmtSigned(peak, 3).replace(/^\+/, "")));
     if (!row.scored) head.appendChild(el("span", "badge none", "not scored"));
     card.appendChild(head);
     card.appendChild(el("div", "prompt", row.prompt == null ? "" : row.prompt));
@@ -251,9 +268,11 @@
   }
   function resort() {
     const ordered = cards.slice();
-    if (sortSel.value === "absadv") {
+    const key = sortSel.value === "absadv" ? "absAdv" : sortSel.value === "absdelta" ? "maxAbsDelta" : null;
+    if (key) {
       ordered.sort(function (a, b) {
-        return Number(b.dataset.absAdv) - Number(a.dataset.absAdv) || Number(a.dataset.index) - Number(b.dataset.index);
+        const x = Number(a.dataset[key]), y = Number(b.dataset[key]);
+        return (x === y ? 0 : y > x ? 1 : -1) || Number(a.dataset.index) - Number(b.dataset.index);
       });
     }
     for (const card of ordered) list.appendChild(card);
@@ -261,6 +280,7 @@
   filterSel.addEventListener("change", refilter);
   sortSel.addEventListener("change", resort);
   modeSel.addEventListener("change", recolour);
+  resort();
   recolour();
   document.body.dataset.ready = "1";
 })();

@@ -5,6 +5,8 @@
 (:mod:`cepo.ledger.store`), plus ``heldout`` (:func:`folder_heldout`); :func:`folder_steps` turns
 ``metrics.jsonl`` into ledger step entries. Run folders are found at any depth under the root
 (``runs/cmp/cepo/seed0`` from ``cepo compare``), and a run's id is its path relative to the root.
+:func:`resolve_run` turns what a user typed for a run — a folder path, or an id (or unique id prefix) under the
+root — into its folder: every command that names a run goes through it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from pathlib import Path
 
 import yaml
 
-from cepo.ledger.store import LedgerError
+from cepo.ledger.store import LedgerError, _close_matches
 
-__all__ = ["find_run_folders", "folder_heldout", "folder_steps", "list_run_folders", "read_run_folder"]
+__all__ = [
+    "find_run_folders",
+    "folder_heldout",
+    "folder_steps",
+    "list_run_folders",
+    "read_run_folder",
+    "resolve_run",
+]
 
 MAX_DEPTH = 6  # folders below the root searched for runs
 
@@ -193,7 +202,9 @@ def read_run_folder(path: str | Path) -> dict:
     if not folder.is_dir():
         raise LedgerError(f"run folder {folder} does not exist")
     if not (folder / "config.yaml").is_file():
-        raise LedgerError(f"{folder} is not a run folder: it has no config.yaml")
+        below = [f.relative_to(folder).as_posix() for f in find_run_folders(folder)]
+        hint = f" (run folders below it: {_shown(below)})" if below else ""
+        raise LedgerError(f"{folder} is not a run folder: it has no config.yaml{hint}")
     config = _load_config(folder)
     record = _folder_record(folder, config, _read_metrics(folder / "metrics.jsonl"))
     record["config"] = config
@@ -219,3 +230,74 @@ def folder_steps(path: str | Path, count: int | None = None) -> list[dict]:
         samples = report.pop("samples", None)
         out.append({"report": report, "samples": samples if isinstance(samples, list) else []})
     return out
+
+
+def _shown(ids: list[str], limit: int = 10) -> str:
+    return ", ".join(ids[:limit]) + (f", … ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def _redis_run_dir(run: str, redis_url: str) -> Path:
+    """The folder of the Redis ledger's run ``run`` (id or unique prefix), when it is on this machine."""
+    from cepo.ledger.store import RunLedger
+
+    with RunLedger(redis_url) as ledger:
+        record = ledger.get_run(run)
+    run_dir = record.get("run_dir")
+    if not run_dir:
+        raise LedgerError(f"run {record.get('id', run)!r} of the Redis ledger records no run folder")
+    folder = Path(str(run_dir))
+    if not folder.is_dir():
+        raise LedgerError(f"run {record.get('id', run)!r}: its run folder {folder} is not on this machine")
+    return folder
+
+
+def resolve_run(run: str | Path, root: str | Path = "runs", redis_url: str | None = None) -> Path:
+    """The run folder a user named, given as a path or as a run id — the one place every command resolves it.
+
+    In order: ``run`` as a path to a run folder (holding config.yaml); ``ROOT/run`` (an id, nested ones too:
+    ``cmp/cepo/seed0``); any other existing folder ``run`` as it is (the command then says what it lacks). An
+    absolute or ``./``-relative ``run`` is a path only; anything else is then looked up as an id: the run
+    folder under ``root`` whose id is ``run`` (without a leading ``ROOT/``), starts with it (a unique prefix)
+    or ends with ``/run`` (a unique tail: ``cepo/seed0``); with ``redis_url``, the Redis ledger's run of that
+    id (or unique prefix), when its folder is on this machine. Raises :class:`LedgerError` otherwise, listing
+    the close matches among the ids under ``root`` (or the ids there, when there are few)."""
+    text = str(run)
+    path = Path(text).expanduser()
+    root = Path(root)
+    if (path / "config.yaml").is_file():
+        return path
+    if not path.is_absolute() and (root / path / "config.yaml").is_file():
+        return root / path
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LedgerError(f"{path} is a file, not a run folder")
+    if path.is_absolute() or text.startswith(("./", "../", "~", ".\\", "..\\")):
+        raise LedgerError(f"no run folder {path}: no such folder")  # a path, not an id
+    ids = [f.relative_to(root).as_posix() for f in find_run_folders(root)] if root.is_dir() else []
+    wanted = text.replace("\\", "/").strip("/")
+    prefix = root.as_posix().rstrip("/") + "/"
+    if wanted.startswith(prefix):  # runs/<id prefix>: the id is what follows the root
+        wanted = wanted[len(prefix) :]
+    if wanted:
+        matches = sorted(i for i in ids if i.startswith(wanted) or i.endswith("/" + wanted))
+        if len(matches) == 1:
+            return root / matches[0]
+        if matches:
+            raise LedgerError(
+                f"run {text!r} is ambiguous among the run folders under {root}: {_shown(matches)}"
+            )
+    problem = f"no run {text!r}: no such folder, and no run id under {root} matches it"
+    if redis_url:
+        try:
+            return _redis_run_dir(text, redis_url)
+        except LedgerError as exc:
+            problem += f"; {exc}"
+    close = _close_matches(wanted, ids) if wanted else []
+    if close:
+        problem += f"; close matches: {', '.join(close)}"
+    elif ids and len(ids) <= 10:
+        problem += f"; runs there: {', '.join(ids)}"
+    elif not ids:
+        problem += f" ({root} holds no run folders)"
+    raise LedgerError(problem)

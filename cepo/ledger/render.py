@@ -3,6 +3,10 @@
 :func:`cli_list` and :func:`cli_show` read the Redis ledger (:class:`~cepo.ledger.store.RunLedger`) when a URL
 is given, else the run folders (:mod:`cepo.ledger.folders`); both give records of the same shape, drawn by
 :func:`runs_table` and :func:`run_details`.
+
+Steps are shown as the user names them: step k is the k-th training step (a step report's ``step`` field,
+counted from 0 in ``metrics.jsonl`` and the Redis stream, is shown as ``step + 1``), a checkpoint and a held-out
+evaluation are labelled by the steps done before them (``@k``: after k steps; 0: the base policy).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from cepo.ledger.folders import folder_heldout, folder_steps, list_run_folders, read_run_folder
-from cepo.ledger.store import RunLedger, _resolve_id, mask_url
+from cepo.ledger.folders import folder_heldout, folder_steps, list_run_folders, read_run_folder, resolve_run
+from cepo.ledger.store import RunLedger, mask_url
 
 __all__ = ["cli_list", "cli_show", "run_details", "runs_table"]
 
@@ -45,6 +49,12 @@ _STATUS_STYLE = {
     "interrupted": "magenta",
     "incomplete": "dim",
 }
+
+
+def _report_step(report: dict) -> Any:
+    """A step report's step as shown: the k-th step (its ``step`` field, counted from 0, plus one)."""
+    step = report.get("step")
+    return step + 1 if isinstance(step, int) and not isinstance(step, bool) else step
 
 
 def _fmt_heldout(heldout: Any) -> str:
@@ -116,7 +126,7 @@ def run_details(record: dict, steps: list[dict] | None = None):
     fields.add_column(style="bold")
     fields.add_column(overflow="fold")
     for key in ("id", "name", "method", "status", "step", "policy_version", "run_dir"):
-        fields.add_row(key, _fmt_num(record.get(key)))
+        fields.add_row("steps done" if key == "step" else key, _fmt_num(record.get(key)))
     for key in ("started_at", "updated_at", "finished_at"):
         fields.add_row(key, _fmt_time(record.get(key)))
     heldout = record.get("heldout")
@@ -136,7 +146,7 @@ def run_details(record: dict, steps: list[dict] | None = None):
     checkpoints = record.get("checkpoints") or []
     if checkpoints:
         table = Table(title="checkpoints")
-        table.add_column("step", justify="right")
+        table.add_column("after step", justify="right")
         table.add_column("path", overflow="fold")
         table.add_column("at")
         for ckpt in checkpoints:
@@ -151,6 +161,8 @@ def run_details(record: dict, steps: list[dict] | None = None):
         table.add_column("metric")
         table.add_column("value", justify="right", overflow="fold")
         for key, value in metrics.items():
+            if key == "step":
+                value = _report_step(metrics)
             if isinstance(value, dict):
                 value = ", ".join(f"{k}={_fmt_num(v)}" for k, v in value.items())
             table.add_row(str(key), _fmt_num(value, 4) if not isinstance(value, str) else value)
@@ -163,7 +175,7 @@ def run_details(record: dict, steps: list[dict] | None = None):
         for entry in steps:
             report = entry.get("report") or {}
             table.add_row(
-                _fmt_num(report.get("step")),
+                _fmt_num(_report_step(report)),
                 _fmt_num(report.get("reward_mean")),
                 _fmt_num(report.get("accuracy")),
                 _fmt_num(report.get("lam")),
@@ -175,7 +187,7 @@ def run_details(record: dict, steps: list[dict] | None = None):
         sample_step, sample = None, None
         for entry in reversed(steps):
             if entry.get("samples"):
-                sample_step, sample = (entry.get("report") or {}).get("step"), entry["samples"][0]
+                sample_step, sample = _report_step(entry.get("report") or {}), entry["samples"][0]
                 break
         if sample is not None:
             body = Table.grid(padding=(0, 2))
@@ -219,23 +231,18 @@ def _local_heldout(run_dir: Any) -> dict | None:
 def cli_show(run: str, redis_url: str | None, root: Path, steps: int, console) -> None:
     """``cepo runs show RUN``: ``run`` is a run folder path, or a run id / unique id prefix looked up in the
     ledger (``redis_url`` set) or among the folders under ``root`` (a nested run's id is its path below
-    ``root``, e.g. ``cmp/cepo/seed0``). Raises LedgerError when not found."""
-    path = Path(run)
-    nested = Path(root) / run
-    if not (path / "config.yaml").is_file() and not redis_url and (nested / "config.yaml").is_file():
-        path = nested  # a run id below the root
-    if (path / "config.yaml").is_file() or "/" in run or "\\" in run:
-        record = read_run_folder(path)  # a path: LedgerError naming it when it is not a run folder
-        entries = folder_steps(path, steps)
-    elif redis_url:
+    ``root``, e.g. ``cmp/cepo/seed0``) — :func:`~cepo.ledger.folders.resolve_run`. Raises LedgerError when
+    not found."""
+    path = Path(run).expanduser()
+    if redis_url and not path.is_dir() and not (Path(root) / run / "config.yaml").is_file():
         with RunLedger(redis_url) as ledger:
             record = ledger.get_run(run)
             entries = ledger.steps(record["id"], steps) if steps > 0 else []
         record.setdefault("heldout", _local_heldout(record.get("run_dir")))
     else:
-        root = Path(root)
-        ids = [row["id"] for row in list_run_folders(root)]
-        folder = root / _resolve_id(run, ids, f"run folders under {root}")
-        record = read_run_folder(folder)
+        folder = resolve_run(run, root)
+        record = read_run_folder(folder)  # LedgerError naming it when it is not a run folder
         entries = folder_steps(folder, steps)
+        if folder.resolve().is_relative_to(Path(root).resolve()):  # the id `runs list` shows
+            record["id"] = folder.resolve().relative_to(Path(root).resolve()).as_posix()
     console.print(run_details(record, entries))
