@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cepo.config import STUDENT_PROMPT
+from cepo.models.bootstrap import sft_tensors
 from cepo.tasks import arithmetic
 from cepo_services.common.templates import chat_prompt_ids, teacher_context_ids
 from cepo_services.verifier import grade
@@ -48,17 +49,7 @@ def demonstration(problem, rng: random.Random, args) -> tuple[list[int], str, st
 def batch(examples):
     eos = TOK.convert_tokens_to_ids("<|im_end|>")
     rows = [(p, [*TOK.encode(r, add_special_tokens=False), eos]) for p, r, _ in examples]
-    width = max(len(p) + len(r) for p, r in rows)
-    pad = TOK.pad_token_id if TOK.pad_token_id is not None else eos
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        labels[i, len(p) : n] = torch.tensor(r)
-        mask[i, :n] = 1
-    return ids, mask, labels
+    return sft_tensors(rows, TOK.pad_token_id if TOK.pad_token_id is not None else eos)
 
 
 @torch.no_grad()

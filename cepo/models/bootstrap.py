@@ -38,6 +38,7 @@ __all__ = [
     "TinySettings",
     "build_tiny_model",
     "evaluate",
+    "sft_tensors",
     "student_prompt",
     "teacher_prompt",
 ]
@@ -178,18 +179,23 @@ def _demonstration(problem, rng: random.Random, settings: TinySettings) -> tuple
 
 def _batch(examples: Sequence[tuple[str, str, str]], tok, eos_id: int, pad_id: int):
     """Right-padded input ids, attention mask and labels (loss on the response through EOS only)."""
-    import torch
-
     prefixes = tok([e[1] for e in examples], add_special_tokens=False)["input_ids"]
     responses = tok([e[2] for e in examples], add_special_tokens=False)["input_ids"]
-    rows = [(p, [*r, eos_id]) for p, r in zip(prefixes, responses, strict=True)]
+    return sft_tensors([(p, [*r, eos_id]) for p, r in zip(prefixes, responses, strict=True)], pad_id)
+
+
+def sft_tensors(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
+    """(prefix ids, response ids) rows → right-padded input ids, attention mask and labels (-100 outside the
+    response, so the loss covers the response only)."""
+    import torch
+
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (p, r) in enumerate(rows):
         n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
+        ids[i, :n] = torch.tensor([*p, *r])
         labels[i, len(p) : n] = torch.tensor(r)
         mask[i, :n] = 1
     return ids, mask, labels
