@@ -71,9 +71,9 @@ class TeacherReplica(EngineReplica):
         limit = self.engine.max_score_len
         fits = lambda i: i is None or limit is None or len(pairs[i][0]) <= limit  # noqa: E731
         unfit = [k for k, (pos, neg) in enumerate(where) if not (fits(pos) and fits(neg))]
-        sent = sorted(
-            {i for k, (pos, neg) in enumerate(where) if k not in unfit for i in (pos, neg) if i is not None}
-        )
+        skipped = set(unfit)
+        # every sequence index belongs to one item, so this lists each once
+        sent = [i for k, item in enumerate(where) if k not in skipped for i in item if i is not None]
         scored = dict(
             zip(
                 sent,
