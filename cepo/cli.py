@@ -42,6 +42,14 @@ RedisOption = Annotated[
 RootOption = Annotated[
     Path, typer.Option("--root", help="Folder of run folders, where a run id is looked up (nested ones too).")
 ]
+VerboseOption = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="Also show engine logs (vLLM, Ray) on the console; they always go to a log file.",
+    ),
+]
 RUN_HELP = (
     "The run: its folder, or its id as `cepo runs list` shows it (its path below --root, e.g. cmp/cepo/seed0, "
     "or a unique prefix)."
@@ -229,8 +237,11 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a run already in --run-dir instead of refusing.")
     ] = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Train with Algorithm 1 across the rollout, verifier, teacher and learner services."""
+    """Train with Algorithm 1 across the rollout, verifier, teacher and learner services.
+
+    The console shows progress and results; engine logs (vLLM, Ray) go to <run>/logs/ (--verbose: here too)."""
     import ray
 
     from cepo.run import train as run_train
@@ -246,26 +257,28 @@ def train(
         if not config.is_file():
             console.print(f"error: {config} does not exist: not a run folder", markup=False, highlight=False)
             raise typer.Exit(2)
-    cfg = _load(config, set_)
+    cfg = _load(config, [*(set_ or []), *(["logging.verbose=true"] if verbose else [])])
     if resume is None:
         folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
     from cepo.controller import RunInterrupted
+    from cepo_services.common.logs import captured
 
-    try:
-        run_train(
-            cfg,
-            folder,
-            steps=steps,
-            console=Console(soft_wrap=True),
-            resume=resume is not None,
-            overwrite=overwrite,
-        )
-    except RunInterrupted as exc:
-        console.print(f"interrupted: {exc}", markup=False, highlight=False)
-        raise typer.Exit(130) from None
-    finally:
-        if cfg.resources.ray_address is None:
-            ray.shutdown()  # the local Ray this command started: no raylet or worker outlives it
+    with captured(folder / "logs" / "train.log", echo=cfg.logging.verbose) as terminal:
+        try:
+            run_train(
+                cfg,
+                folder,
+                steps=steps,
+                console=Console(file=terminal, soft_wrap=True),
+                resume=resume is not None,
+                overwrite=overwrite,
+            )
+        except RunInterrupted as exc:
+            Console(file=terminal).print(f"interrupted: {exc}", markup=False, highlight=False)
+            raise typer.Exit(130) from None
+        finally:
+            if cfg.resources.ray_address is None:
+                ray.shutdown()  # the local Ray this command started: no raylet or worker outlives it
 
 
 @app.command()
@@ -306,8 +319,16 @@ def eval_(
     set_: SetOption = None,
     root: RootOption = Path("runs"),
     redis: RedisOption = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(help="Where the engine logs go (default: <root>/logs/eval-<time>.log)."),
+    ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Held-out accuracy ± standard error per suite and the average, with the paper's sampling (eval.*).
+
+    Progress and per-suite lines go to stderr, the results (JSON, with the model, adapter and sampling
+    settings that produced them) to stdout; engine logs to --log-file (--verbose: to stderr too).
 
     Without --config, a model folder built for a task (models/tiny-arith: arithmetic, named in its
     manifest.json) is evaluated on that task with its shipped config's settings; any other model gets the
@@ -341,13 +362,23 @@ def eval_(
         _print_error(f"--backend {backend!r}; allowed: vllm, transformers")
         raise typer.Exit(2)
     adapter_dir = None if adapter is None else _adapter_folder(adapter, root, redis)
+    import time
+
+    from cepo_services.common.logs import captured
+
+    log_file = log_file or root / "logs" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
-        results = evaluate_model(cfg, adapter=adapter_dir, backend=backend, greedy=greedy, console=console)
+        with captured(log_file, echo=verbose, terminal="stderr") as terminal:
+            shown = Console(file=terminal, soft_wrap=True)
+            results = evaluate_model(cfg, adapter=adapter_dir, backend=backend, greedy=greedy, console=shown)
     except (ValueError, FileNotFoundError) as exc:
         _print_error(exc)
         raise typer.Exit(2) from None
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
+    average = "  ".join(f"{k} {v:.3f}" for k, v in results["average"].items())
+    where = f"; results in {out}" if out is not None else ""
+    console.print(f"average: {average}  (engine logs: {log_file}{where})", highlight=False, soft_wrap=True)
     print(json.dumps(results, indent=2))
 
 

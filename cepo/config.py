@@ -452,6 +452,11 @@ class LoggingConfig(_Section):
         "wandb==0.31.0`). Empty: metrics.jsonl (and Prometheus) only.",
     )
     wandb_project: str = Field("cepo", min_length=1, description="W&B project of the run (report_to: wandb).")
+    verbose: bool = Field(
+        False,
+        description="Also show the services' engine logs (vLLM, Ray) on the console; they always go to "
+        "<run_dir>/logs/ (`cepo train --verbose`).",
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from typing import Any
 from rich.console import Console
 
 from cepo.config import RunConfig
+from cepo.progress import Progress, ticking
 from cepo.stats import problem_accuracy
 from cepo_proto import Problem, Verdict
 from cepo_proto.pipeline import SamplingSpec
@@ -203,7 +204,7 @@ def evaluate_model(
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the results
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    with console.status(f"loading {cfg.model.path} ({backend})…"):
+    with ticking(console, f"loading {cfg.model.path} ({backend})"):
         engine = make_engine(backend, cfg.model.path, **engine_options(cfg, backend, cfg.seed))
     from cepo.hooks import import_path
 
@@ -215,21 +216,28 @@ def evaluate_model(
         reward_path=import_path() if reward_fn is not None else None,
     )
     results: dict[str, Any] = {}
+    modes = eval_modes(cfg, greedy=greedy)
+    progress = Progress(len(suites) * len(modes))
+    suite_name = [""]
 
     def generate(ids: list[list[int]], spec: SamplingSpec) -> list[list[str]]:
-        with console.status(f"{len(ids)} problems × {spec.n} at temperature {spec.temperature}…"):
-            return [[c.text for c in group] for group in engine.generate(ids, spec)]
+        mode = "greedy" if spec.temperature == 0 else f"T={spec.temperature:g}"
+        with ticking(console, f"eval {suite_name[0]} ({mode}, {len(ids)} problems × {spec.n}) · {progress} done"):
+            out = [[c.text for c in group] for group in engine.generate(ids, spec)]
+        progress.advance()
+        return out
 
     try:
         if adapter is not None:
             engine.load_adapter(AdapterPayload.from_dir(0, adapter))
+        progress.start()
         for name, suite in suites.items():
+            suite_name[0] = name
             problems = suite.problems
             prompts = [
                 chat_prompt_ids(tokenizer, cfg.data.prompt_template.format(problem=p.problem))
                 for p in problems
             ]
-            modes = eval_modes(cfg, greedy=greedy)
             result = heldout_accuracy(problems, prompts, modes, generate, grader.grade_batch)
             result["train_overlap"] = suite.train_overlap
             results[name] = result
@@ -246,5 +254,17 @@ def evaluate_model(
     results["average"] = {
         key: sum(r[key] for r in per_suite) / len(per_suite)
         for key in (("sampled", "greedy") if greedy else ("sampled",))
+    }
+    results["settings"] = {  # what produced these numbers, so that a results file stands on its own
+        "model": str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path,
+        "adapter": None if adapter is None else str(Path(adapter).resolve()),
+        "backend": backend,
+        "dtype": cfg.model.dtype,
+        "seed": cfg.seed,
+        "suites": list(suites),
+        "problems_per_suite": {name: len(suite.problems) for name, suite in suites.items()},
+        "prompt_template": cfg.data.prompt_template,
+        "sampling": {mode: spec.model_dump() for mode, spec in modes},
+        "verifier": {"reward_fn": reward_fn, "timeout_s": cfg.verifier.timeout_s},
     }
     return results

@@ -18,6 +18,7 @@ from cepo.config import RunConfig
 from cepo.controller import RunInterrupted, Trainer
 from cepo.evaluate import eval_problems
 from cepo.plots import eval_by_step, load_eval, load_metrics
+from cepo.progress import Progress, duration, ticking
 from cepo.stats import median_stages
 from cepo_proto import Problem
 from cepo_proto.pipeline import StepReport
@@ -25,7 +26,8 @@ from cepo_proto.pipeline import StepReport
 __all__ = ["bench", "train"]
 
 
-def _step_line(report: StepReport) -> str:
+def _step_line(report: StepReport, progress: str | None = None) -> str:
+    """One step on the console; ``progress`` (``12/30 · ETA 3m05s``) replaces the bare step number."""
     st = report.stage_seconds
     method, entry = "", get_method(report.method)
     if entry.scores_evidence:
@@ -36,7 +38,7 @@ def _step_line(report: StepReport) -> str:
     elif entry.learner_loss is not None:
         method = f"distill {report.distill_loss:.4f}  "
     return (
-        f"step {report.step + 1:>3}  reward {report.reward_mean:.3f}  acc {report.accuracy:.3f}  "
+        f"step {progress or f'{report.step + 1:>3}'}  reward {report.reward_mean:.3f}  acc {report.accuracy:.3f}  "
         f"{method}v{report.policy_version}→{report.adapter_version}  "
         f"gen {st['gen']:.2f}s teacher {st['teacher']:.2f}s update {st['old_logp'] + st['update']:.2f}s "
         f"sync {st['sync']:.2f}s  ({report.step_seconds:.2f}s, {report.tokens_per_s:.0f} tok/s)"
@@ -122,9 +124,12 @@ def train(
     console = console or Console()
     total = steps if steps is not None else cfg.algorithm.steps
     ended_early = threading.Event()
+    progress = Progress(total)
+    began = time.perf_counter()
 
     def step_done(report: StepReport) -> None:
-        console.print(_step_line(report), highlight=False)
+        progress.done = report.step  # steps done before this one (a resumed run starts past 0)
+        console.print(_step_line(report, progress.advance()), highlight=False)
         if on_step is not None and on_step(report) is False:
             ended_early.set()
             trainer.request_stop()
@@ -135,7 +140,7 @@ def train(
 
     def evaluate(steps_done: int) -> dict[str, dict[str, float]]:
         if steps_done not in evaluated:
-            with console.status(f"evaluating the policy after {steps_done} steps…"):
+            with ticking(console, f"evaluating the policy after {steps_done} steps on {', '.join(suites)}"):
                 evaluated[steps_done] = _evaluate(trainer, suites, cfg, run_dir, steps_done)
             if suites:
                 line = "  ".join(
@@ -147,11 +152,14 @@ def train(
     error: BaseException | None = None
     try:
         with _stop_on_signals(trainer, console) as arm:
-            with console.status("starting services (Ray, rollout and teacher engines, learner ranks)…"):
+            with ticking(console, "starting services (Ray, rollout and teacher engines, learner ranks)"):
                 started = time.perf_counter()
                 trainer.start(resume=resume, overwrite=overwrite)
             arm()
-            console.print(f"services up in {time.perf_counter() - started:.1f}s → {run_dir}")
+            console.print(
+                f"services up in {time.perf_counter() - started:.1f}s → {run_dir} (engine logs: {run_dir}/logs/)",
+                highlight=False,
+            )
             if resume:
                 evaluated.update(_previous_evaluations(run_dir, trainer.step_index))
             else:
@@ -159,6 +167,8 @@ def train(
             base = evaluated.get(0, {}) if resume else evaluate(0)  # never the resumed adapter as "base"
             every = cfg.eval.every if suites else 0
             todo = max(0, total - trainer.step_index)
+            progress.done = trainer.step_index
+            progress.start()
             try:
                 trainer.train(todo, every=every, callback=evaluate if every else None)
             except RunInterrupted:
@@ -193,7 +203,28 @@ def train(
             bg, tg = summary["base_greedy"].get(name), summary["trained_greedy"].get(name)
             greedy = f"  [{bg:.3f} → {tg:.3f}]" if bg is not None else ""
             console.print(f"  {name:<16} base {b:.3f}  →  trained {t:.3f}{greedy}", highlight=False)
+    _print_summary(console, summary, run_dir, time.perf_counter() - began)
     return summary
+
+
+def _print_summary(console: Console, summary: dict[str, Any], run_dir: Path, seconds: float) -> None:
+    """Where everything of the finished run is, in a few lines."""
+    timing = summary.get("timing") or {}
+    step_s = f", median step {timing['step_s']:.1f}s" if "step_s" in timing else ""
+    console.print(
+        f"done: {summary['steps']} steps ({summary['method']}, policy v{summary['policy_version']}) in "
+        f"{duration(seconds)}{step_s}",
+        highlight=False,
+    )
+    for label, path in (
+        ("run", run_dir),
+        ("adapter", run_dir / "adapter"),
+        ("summary", run_dir / "summary.json"),
+        ("logs", run_dir / "logs"),
+    ):
+        if path.exists():
+            console.print(f"  {label:<8} {path}", highlight=False, soft_wrap=True)
+    console.print(f"  inspect: cepo runs show {run_dir}", highlight=False, soft_wrap=True)
 
 
 def bench(cfg: RunConfig, run_root: Path, *, steps: int, console: Console | None = None) -> dict[str, Any]:

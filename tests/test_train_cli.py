@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,20 @@ def test_cepo_train_end_to_end(tiny_model_dir, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "held-out accuracy" in done.stdout
+    # quiet by default: progress and results on the console, the engines' logs in the run folder
+    console = done.stdout + done.stderr
+    assert re.search(r"^step 1/3 .*reward", done.stdout, re.M) and re.search(
+        r"^step 3/3 · \d", done.stdout, re.M
+    )
+    assert re.search(r"^step 2/3 · ETA \d+s", done.stdout, re.M)
+    for noise in ("INFO", "WARNING", "Triton", "EngineCore", "non-default args"):
+        assert noise not in console, noise
+    assert len(console.splitlines()) < 30, console
+    assert f"run      {run_dir}" in done.stdout and "done: 3 steps" in done.stdout
+    logs = run_dir / "logs"
+    assert (logs / "train.log").is_file()
+    workers = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.log"))
+    assert "Initializing a V1 LLM engine" in workers  # vLLM's own start-up lines, from the engine processes
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["policy_version"] == 3
@@ -84,11 +99,21 @@ def test_cepo_eval_reports_accuracy_and_standard_error(tiny_model_dir, tmp_path)
         "--model", str(tiny_model_dir), "--suites", "test,unseen_mix", "--size", "12", "--samples", "2",
         "--out", str(tmp_path / "eval.json"),
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "eval.json").read_text())
-    assert json.loads(done.stdout) == results  # vLLM logs to stderr: stdout is the JSON alone
-    assert set(results) == {"test", "unseen_mix", "average"}
+    assert json.loads(done.stdout) == results  # stdout is the JSON alone
+    assert set(results) == {"test", "unseen_mix", "average", "settings"}
+    settings = results["settings"]  # what produced the numbers
+    assert settings["model"] == str(Path(tiny_model_dir).resolve()) and settings["adapter"] is None
+    assert settings["backend"] == "vllm" and settings["problems_per_suite"] == {"test": 12, "unseen_mix": 12}
+    assert settings["sampling"]["sampled"]["n"] == 2 and settings["sampling"]["greedy"]["temperature"] == 0.0
+    # stderr: the progress and one line per suite, no engine noise (that is in the log file it names)
+    assert "INFO" not in done.stderr and "Triton" not in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) <= 12, done.stderr
+    log_file = tmp_path / re.search(r"engine logs: (\S+?)[;)]", done.stderr).group(1)
+    assert log_file.parent == tmp_path / "runs" / "logs"  # --root's logs/ by default
+    assert "Initializing a V1 LLM engine" in log_file.read_text()
     for suite in ("test", "unseen_mix"):
         r = results[suite]
         assert r["n"] == 12 and r["samples"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +23,14 @@ __all__ = [
 ]
 
 
-def start_ray(cfg: RunConfig) -> None:
-    """Attach to ``resources.ray_address`` or start a local Ray sized for every replica and learner rank."""
+def start_ray(cfg: RunConfig, *, log_dir: str | os.PathLike[str] | None = None) -> None:
+    """Attach to ``resources.ray_address`` or start a local Ray sized for every replica and learner rank.
+
+    With ``log_dir`` every service process of this run writes its output (engine logs) to
+    ``log_dir/worker-<pid>.log``; ``logging.verbose`` also forwards it to this process's console."""
     import ray
+
+    from cepo_services.common.logs import LOG_DIR_ENV, LOG_ECHO_ENV
 
     if ray.is_initialized():
         return
@@ -40,7 +46,16 @@ def start_ray(cfg: RunConfig) -> None:
         num_cpus=None if res.ray_address else max(int(np.ceil(needed)), res.num_cpus or 1),
         num_gpus=res.num_gpus,
         include_dashboard=False,
-        log_to_driver=False,
+        log_to_driver=cfg.logging.verbose,
+        runtime_env=None
+        if log_dir is None
+        else {
+            "env_vars": {
+                LOG_DIR_ENV: str(Path(log_dir).resolve()),
+                LOG_ECHO_ENV: str(int(cfg.logging.verbose)),
+            },
+            "worker_process_setup_hook": "cepo_services.common.logs.setup_worker",
+        },
     )
 
 

@@ -34,7 +34,7 @@ from cepo.algorithm.methods import get_method
 from cepo.algorithm.negatives import row_negatives, select_negative_answers
 from cepo.algorithm.schedules import lambda_at
 from cepo.config import RunConfig, check_model_path
-from cepo.controller.cluster import distill_spec, eval_modes, train_sampling, update_settings
+from cepo.controller.cluster import distill_spec, eval_modes, start_ray, train_sampling, update_settings
 from cepo.controller.pools import ServicePools
 from cepo.controller.recorder import StepRecorder
 from cepo.controller.state import StepState
@@ -110,6 +110,7 @@ class Trainer:
             self.log(f"skipped {skipped.describe()}")
         self.cursor = DataCursor(loaded.problems, cfg.data.seed)
         self._probe_problem = loaded.problems[0]
+        start_ray(cfg, log_dir=self.run_dir / "logs")  # the services' engine logs go to the run folder
         self.pools = ServicePools(cfg, with_teacher=self.method.scores_evidence)
         self._started = True
         base = cfg.logging.metrics_port

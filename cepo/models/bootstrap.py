@@ -30,6 +30,7 @@ from rich.console import Console
 
 from cepo.config import STUDENT_PROMPT
 from cepo.models._cache import MANIFEST, build_lock, read_manifest, settings_hash, staged_folder
+from cepo.progress import Progress
 from cepo.tasks import arithmetic
 
 __all__ = [
@@ -226,6 +227,7 @@ def _train(
 
     model.train()
     started, step, losses = time.monotonic(), 0, []
+    progress = Progress(settings.steps)
     report_every = max(1, settings.steps // 10)
     stopped_by = "steps"
     while step < settings.steps:
@@ -243,11 +245,10 @@ def _train(
         optimizer.step()
         losses.append(float(loss.detach()))
         step += 1
+        progress.advance()
         if step % report_every == 0 or step == settings.steps:
             recent = sum(losses[-report_every:]) / len(losses[-report_every:])
-            log(
-                f"step {step}/{settings.steps}  loss {recent:.4f}  lr {lr_at(step - 1):.2e}  {time.monotonic() - started:.0f}s"
-            )
+            log(f"step {progress}  loss {recent:.4f}  lr {lr_at(step - 1):.2e}")
     model.eval()
     if stopped_by == "time":
         log(f"[yellow]wall-clock budget reached after {step} of {settings.steps} steps[/yellow]")
