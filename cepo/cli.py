@@ -23,7 +23,7 @@ runs_app = typer.Typer(
     help="The run ledger: Redis when configured, else the run folders.", no_args_is_help=True
 )
 app.add_typer(runs_app, name="runs")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a long line is one line in a log too
 
 ConfigOption = Annotated[
     Path | None,
@@ -48,6 +48,22 @@ VerboseOption = Annotated[
         "--verbose",
         "-v",
         help="Also show engine logs (vLLM, Ray) on the console; they always go to a log file.",
+    ),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Attach to an existing Ray cluster (auto, or HOST:PORT of its head) instead of starting a local "
+        "Ray (resources.ray_address).",
+    ),
+]
+ApiOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api",
+        envvar="CEPO_API_URL",
+        help="URL of a `cepo serve` control API (token from CEPO_API_TOKEN).",
     ),
 ]
 RUN_HELP = (
@@ -238,6 +254,7 @@ def train(
         bool, typer.Option("--overwrite", help="Replace a run already in --run-dir instead of refusing.")
     ] = False,
     verbose: VerboseOption = False,
+    address: AddressOption = None,
 ) -> None:
     """Train with Algorithm 1 across the rollout, verifier, teacher and learner services.
 
@@ -258,6 +275,8 @@ def train(
             console.print(f"error: {config} does not exist: not a run folder", markup=False, highlight=False)
             raise typer.Exit(2)
     cfg = _load(config, [*(set_ or []), *(["logging.verbose=true"] if verbose else [])])
+    if address is not None:  # attach to an existing Ray cluster (resources.ray_address)
+        cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"ray_address": address})})
     if resume is None:
         folder = _run_dir(run_dir or (Path(cfg.logging.run_dir) if cfg.logging.run_dir else None), cfg.name)
     from cepo.controller import RunInterrupted
@@ -474,15 +493,44 @@ def _table_console() -> Console:
     return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
+@runs_app.callback(invoke_without_command=True)
+def runs_main(ctx: typer.Context, api: ApiOption = None) -> None:
+    """The run ledger; with --api, the runs of a `cepo serve` control API."""
+    if ctx.invoked_subcommand is not None:
+        ctx.ensure_object(dict)["api"] = api
+        return
+    if api is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+    _api_runs(api)
+
+
+def _api_runs(api: str) -> None:
+    from cepo.serve.client import ApiError, call, format_runs
+
+    try:
+        for line in format_runs(call(api, "GET", "/runs")):
+            print(line)
+    except ApiError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
+
+
 @runs_app.command("list")
 def runs_list(
+    ctx: typer.Context,
     redis: RedisOption = None,
     root: RootOption = Path("runs"),
     limit: Annotated[int, typer.Option(min=1)] = 50,
+    api: ApiOption = None,
 ) -> None:
     """Runs, newest first: status, step, policy version, last reward and accuracy."""
     from cepo.ledger import LedgerError, cli_list
 
+    api = api or (ctx.obj or {}).get("api")
+    if api is not None:
+        _api_runs(api)
+        return
     try:
         cli_list(redis, root, limit, _table_console())
     except LedgerError as exc:
@@ -505,6 +553,79 @@ def runs_show(
     except LedgerError as exc:
         _print_error(exc)
         raise typer.Exit(2) from None
+
+
+# ------------------------------------------------------------------------------------------------------
+# The control API (cepo/serve/): serve it, and scale or stop its runs
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (off loopback: CEPO_API_TOKEN required).")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    address: AddressOption = None,
+    root: Annotated[Path, typer.Option("--root", help="Folder the runs' folders go in.")] = Path("runs"),
+    redis: Annotated[
+        str | None,
+        typer.Option(
+            "--redis", envvar="CEPO_REDIS_URL", help="Redis URL for the runs' ledger (logging.redis_url)."
+        ),
+    ] = None,
+) -> None:
+    """The control API (Ray Serve + FastAPI): submit, list, stop and scale runs. Blocks until SIGINT/SIGTERM."""
+    from cepo.serve import ServeError, serve_forever
+
+    def ready(url: str) -> None:
+        console.print(f"control API on {url} (OpenAPI: {url}/openapi.json); Ctrl-C stops it", highlight=False)
+
+    try:
+        serve_forever(ready, host=host, port=port, address=address, root=str(root), redis_url=redis)
+    except ServeError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
+
+
+def _api_call(api: str | None, method: str, path: str, body: object = None) -> object:
+    from cepo.serve.client import ApiError, call
+
+    if api is None:
+        _print_error("this command talks to a `cepo serve` control API: give --api URL (or set CEPO_API_URL)")
+        raise typer.Exit(2)
+    try:
+        return call(api, method, path, body)
+    except ApiError as exc:
+        _print_error(exc)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def scale(
+    run: Annotated[str, typer.Argument(help="The run's id as the API gave it.")],
+    rollout: Annotated[int | None, typer.Option(min=1, help="Rollout replicas wanted.")] = None,
+    teacher: Annotated[int | None, typer.Option(min=1, help="Teacher replicas wanted.")] = None,
+    api: ApiOption = None,
+) -> None:
+    """Change a running run's rollout and/or teacher replica counts (applied between steps)."""
+    import json
+
+    if rollout is None and teacher is None:
+        _print_error("give --rollout and/or --teacher")
+        raise typer.Exit(2)
+    answer = _api_call(api, "POST", f"/runs/{run}/scale", {"rollout": rollout, "teacher": teacher})
+    print(json.dumps(answer))
+
+
+@app.command()
+def stop(
+    run: Annotated[str, typer.Argument(help="The run's id as the API gave it.")],
+    api: ApiOption = None,
+) -> None:
+    """Stop a run of the control API: it finishes the current step, checkpoints and stops."""
+    import json
+
+    print(json.dumps(_api_call(api, "POST", f"/runs/{run}/stop")))
 
 
 # ------------------------------------------------------------------------------------------------------
