@@ -279,6 +279,12 @@ class TeacherConfig(_Section):
         "(its tokens keep A), counted as teacher_unfit_rows in the metrics. Raise it for teacher.negative "
         "full/prefix/suffix, whose hints are rollouts.",
     )
+    sees_image: bool = Field(
+        True,
+        description="Image problems (a vision-language policy): the teacher's r⁺ / r⁻ contexts contain the "
+        "problem's images, as the student's prompt does (the paper's reading); false: the text only, the "
+        "official code's blind teacher (P_S keeps the images either way).",
+    )
 
 
 class VerifierConfig(_Section):

@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cepo_proto.adapter import AdapterPayload
+from cepo_proto.pipeline import ImageRefs
 
 __all__ = [
     "AGG_MODES",
@@ -108,6 +109,7 @@ class UpdateRequest(BaseModel):
     settings: UpdateSettings = UpdateSettings()
     distill: DistillSpec | None = None
     teacher_samples: list[Sample] | None = None
+    images: ImageRefs | None = Field(default=None, description="Per sample, its images (a VL policy).")
 
     _arrays = field_validator("advantages", "old_logp", mode="before")(_token_array)
 
@@ -128,6 +130,8 @@ class UpdateRequest(BaseModel):
             for i, ((_, r), (_, tr)) in enumerate(zip(self.samples, teacher, strict=True)):
                 if list(r) != list(tr):
                     raise ValueError(f"teacher sample {i}: its response differs from sample {i}'s")
+        if self.images is not None and len(self.images.rows) != len(self.samples):
+            raise ValueError(f"{len(self.images.rows)} image rows for {len(self.samples)} samples")
         return self
 
     def response_tokens(self) -> int:

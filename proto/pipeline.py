@@ -18,6 +18,8 @@ __all__ = [
     "GenerateRequest",
     "GradeRequest",
     "GradeResult",
+    "ImageBatch",
+    "ImageRefs",
     "ProbeRequest",
     "ProbeResult",
     "Rollout",
@@ -61,11 +63,57 @@ class SamplingSpec(_Message):
     )
 
 
+class ImageBatch(_Message):
+    """A step's images, decoded and resized once per problem on the controller ([H, W, 3] uint8 each); put in the
+    object store once per step and referenced by every request that needs them (:class:`ImageRefs`)."""
+
+    arrays: list[np.ndarray]
+
+    @field_validator("arrays", mode="before")
+    @classmethod
+    def _uint8_images(cls, value: Any) -> list[np.ndarray]:
+        out = []
+        for i, a in enumerate(value):
+            a = np.asarray(a)
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+                raise ValueError(f"image {i}: expected an [H, W, 3] uint8 array, got {a.dtype} {a.shape}")
+            out.append(a)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays)
+
+
+class ImageRefs(_Message):
+    """Which images each row of a request has: ``rows[i]`` indexes ``batch`` (an ObjectRef to an
+    :class:`ImageBatch`, or the batch itself where no object store is involved). Rows line up with the request's
+    prompts, teacher items or learner samples."""
+
+    batch: Any = Field(description="ray.ObjectRef of an ImageBatch (or an ImageBatch).")
+    rows: list[list[int]]
+
+    def slice(self, start: int, stop: int) -> ImageRefs:
+        return ImageRefs(batch=self.batch, rows=self.rows[start:stop])
+
+    def resolve(self) -> list[list[np.ndarray]]:
+        """Each row's images (one ``ray.get`` of the shared batch: no copy per row)."""
+        batch = self.batch
+        if not isinstance(batch, ImageBatch):
+            import ray
+
+            batch = ray.get(batch)
+        return [[batch.arrays[k] for k in row] for row in self.rows]
+
+
 class GenerateRequest(_Message):
     prompts: list[list[int]] = Field(description="Prompt token ids (chat-templated student prompts).")
     sampling: SamplingSpec
     expected_version: int | None = Field(
         description="Adapter version the replica must be serving; a mismatch fails the request."
+    )
+    images: ImageRefs | None = Field(
+        default=None, description="Per prompt, its images (a VL model; image tokens expanded in the prompt)."
     )
 
 
@@ -111,7 +159,9 @@ class GradeResult(_Message):
 class TeacherItem(_Message):
     """One rollout to score: the student's prompt text, its response ids and the references to condition on.
 
-    ``negative=None`` means score that row under the student context (P_T⁻ := P_S, RLSD).
+    ``negative=None`` means score that row under the student context (P_T⁻ := P_S, RLSD). With images (a VL model)
+    the prompt text holds one ``<|vision_start|><|image_pad|><|vision_end|>`` per image and
+    ``student_prompt_ids`` the expanded image tokens; the images ride in :attr:`TeacherRequest.images`.
     """
 
     student_prompt: str
@@ -126,6 +176,12 @@ class TeacherRequest(_Message):
     temperature: float = Field(gt=0.0)
     template: str = "paper"
     expected_version: int | None
+    images: ImageRefs | None = Field(default=None, description="Per item, its problem's images.")
+    sees_image: bool = Field(
+        default=True,
+        description="The teacher's r⁺ / r⁻ contexts contain the images (False: the official code's blind "
+        "teacher; the student context P_S always has them).",
+    )
 
 
 class TeacherScores(_Message):
@@ -204,3 +260,7 @@ class StepReport(BaseModel):
     replica_restarts: dict[str, int] = Field(
         default_factory=dict, description="Replicas replaced during the step, by role (died or timed out)."
     )
+    image_bytes: int = (
+        0  # decoded image bytes put in the object store this step (once, shared by every request)
+    )
+    images: int = 0  # images in the step's problems

@@ -25,6 +25,7 @@ from cepo_proto import AdapterAck, AdapterPayload, Verdict
 from cepo_proto.pipeline import (
     GenerateRequest,
     GradeRequest,
+    ImageRefs,
     ProbeRequest,
     Rollout,
     SamplingSpec,
@@ -275,15 +276,25 @@ class ServicePools:
         return failed
 
     def generate(
-        self, prompt_ids: list[list[int]], sampling: SamplingSpec, version: int
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingSpec,
+        version: int,
+        images: ImageRefs | None = None,
     ) -> list[list[Rollout]]:
-        """Spread prompts over the rollout replicas; per prompt, its ``sampling.n`` rollouts of ``version``."""
+        """Spread prompts over the rollout replicas; per prompt, its ``sampling.n`` rollouts of ``version``
+        (``images``: per prompt, its images, one shared object-store batch)."""
 
         def call(actor: Any, a: int, b: int) -> Any:
             spec = (
                 sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + a})
             )
-            request = GenerateRequest(prompts=prompt_ids[a:b], sampling=spec, expected_version=version)
+            request = GenerateRequest(
+                prompts=prompt_ids[a:b],
+                sampling=spec,
+                expected_version=version,
+                images=None if images is None else images.slice(a, b),
+            )
             return actor.generate.remote(request)
 
         groups: list[list[Rollout]] = []
@@ -305,14 +316,26 @@ class ServicePools:
         return [v for result in self._fan_out("verifier", len(responses), call) for v in result.verdicts]
 
     def score(
-        self, items: list[TeacherItem], *, temperature: float, template: str, version: int | None
+        self,
+        items: list[TeacherItem],
+        *,
+        temperature: float,
+        template: str,
+        version: int | None,
+        images: ImageRefs | None = None,
+        sees_image: bool = True,
     ) -> tuple[list[np.ndarray | None], list[np.ndarray], list[int]]:
         """log P_T⁺ and log P_T⁻ (or log P_S) of every item's response tokens, and the items too long for the
         teacher engines (their scores empty); ``version`` None: the reference teacher."""
 
         def call(actor: Any, a: int, b: int) -> Any:
             request = TeacherRequest(
-                items=items[a:b], temperature=temperature, template=template, expected_version=version
+                items=items[a:b],
+                temperature=temperature,
+                template=template,
+                expected_version=version,
+                images=None if images is None else images.slice(a, b),
+                sees_image=sees_image,
             )
             return actor.score.remote(request)
 

@@ -40,6 +40,9 @@ class StepState:
     restarts: dict[str, int] = field(default_factory=dict)  # replicas replaced during the step, by role
     probe_failures: int = 0  # replicas that failed the adapter probe before this step
     teacher_unfit: int = 0  # rows whose teacher context was too long to score (Δ = 0 for them)
+    images: Any = None  # ImageRefs of the step's problems (a VL policy): one object-store batch
+    image_bytes: int = 0  # bytes of that batch (decoded images, put once)
+    image_count: int = 0
 
     @property
     def groups(self) -> list[int]:

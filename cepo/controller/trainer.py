@@ -40,7 +40,7 @@ from cepo.controller.recorder import StepRecorder
 from cepo.controller.state import StepState
 from cepo_proto import AdapterPayload, Problem
 from cepo_proto.learner import DistillSpec, UpdateRequest, UpdateResult, UpdateStats
-from cepo_proto.pipeline import SamplingSpec, StepReport, TeacherItem
+from cepo_proto.pipeline import ImageBatch, ImageRefs, SamplingSpec, StepReport, TeacherItem
 
 __all__ = ["PoisonedRun", "RunInterrupted", "Trainer"]
 
@@ -108,6 +108,7 @@ class Trainer:
         loaded = from_config(cfg.data)
         for skipped in loaded.skipped:
             self.log(f"skipped {skipped.describe()}")
+        self._vision_setup(loaded.problems)
         self.cursor = DataCursor(loaded.problems, cfg.data.seed)
         self._probe_problem = loaded.problems[0]
         start_ray(cfg, log_dir=self.run_dir / "logs")  # the services' engine logs go to the run folder
@@ -153,12 +154,84 @@ class Trainer:
         self.recorder.rewind(self.step_index)
         self.log(f"resumed {self.run_id} at step {self.step_index} (adapter version {self.version})")
 
+    # ------------------------------------------------------------------------------------------ images
+    def _vision_setup(self, problems: Sequence[Problem]) -> None:
+        """A VL policy's image settings; image problems for a text-only model, or images that do not decode,
+        are one error naming the problem — before any service starts."""
+        from cepo_services.common import vision
+
+        self.vision = None
+        self._images: dict[str, list] = {}  # problem id → its prepared images (decoded and resized once)
+        if vision.is_vision_language(self.cfg.model.path):
+            self.vision = vision.vision_spec(self.cfg.model.path)
+            if self.method.learner_loss is not None and any(p.images for p in problems):
+                raise ValueError(
+                    f"algorithm.method {self.method.name}: the learner-side teacher (OPSD / SDPO) does not take "
+                    "images yet; use cepo, rlsd or grpo on image problems"
+                )
+        self.check_images(problems)
+
+    def check_images(self, problems: Sequence[Problem]) -> None:
+        """Every problem's images are usable by the policy: a text-only model takes none, each decodes."""
+        if self.vision is None:
+            bad = next((p for p in problems if p.images), None)
+            if bad is not None:
+                raise ValueError(
+                    f"problem {bad.id} has {len(bad.images)} image(s) but model.path {self.cfg.model.path} is a "
+                    "text-only model (no vision_config): use a vision-language model (Qwen2-VL, Qwen2.5-VL, "
+                    "Qwen3-VL) or text problems"
+                )
+            return
+        for p in problems:
+            self._problem_images(p)
+
+    def _problem_images(self, problem: Problem) -> list:
+        from cepo_services.common.vision import IMAGE_PLACEHOLDER, prepare_image
+
+        if problem.id not in self._images:
+            count = problem.problem.count(IMAGE_PLACEHOLDER)
+            if count != len(problem.images):
+                raise ValueError(
+                    f"problem {problem.id}: {count} {IMAGE_PLACEHOLDER} placeholder(s) but "
+                    f"{len(problem.images)} image(s)"
+                )
+            self._images[problem.id] = [
+                prepare_image(src, self.vision, where=f"problem {problem.id}, image {k}")
+                for k, src in enumerate(problem.images)
+            ]
+        return self._images[problem.id]
+
+    def image_refs(self, problems: Sequence[Problem]) -> tuple[ImageRefs | None, int, int]:
+        """One object-store batch of the problems' prepared images, and per problem the indices of its own;
+        (None, 0, 0) without images. Returns (refs, bytes put, image count)."""
+        if self.vision is None or not any(p.images for p in problems):
+            return None, 0, 0
+        import ray
+
+        arrays, rows = [], []
+        for p in problems:
+            images = self._problem_images(p)
+            rows.append(list(range(len(arrays), len(arrays) + len(images))))
+            arrays.extend(images)
+        batch = ImageBatch(arrays=arrays)
+        return ImageRefs(batch=ray.put(batch), rows=rows), batch.nbytes, len(arrays)
+
     def prompts(self, problems: Sequence[Problem]) -> tuple[list[str], list[list[int]]]:
-        """Student prompt texts (``data.prompt_template``) and their chat-templated token ids."""
-        from cepo_services.common.templates import chat_prompt_ids
+        """Student prompt texts (``data.prompt_template``) and their chat-templated token ids. For a VL policy
+        each ``<image>`` becomes Qwen-VL's image markup, and the ids carry its image tokens expanded."""
+        from cepo_services.common.templates import chat_prompt_ids, image_prompt_text
 
         texts = [self.cfg.data.prompt_template.format(problem=p.problem) for p in problems]
-        return texts, [chat_prompt_ids(self.tokenizer, t) for t in texts]
+        if getattr(self, "vision", None) is None:
+            return texts, [chat_prompt_ids(self.tokenizer, t) for t in texts]
+        from cepo_services.common.vision import expand_image_tokens
+
+        texts = [image_prompt_text(t) for t in texts]
+        ids = [
+            expand_image_tokens(chat_prompt_ids(self.tokenizer, t), self._problem_images(p), self.vision)
+            for t, p in zip(texts, problems, strict=True)
+        ]
+        return texts, ids
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self) -> StepReport:
@@ -189,8 +262,11 @@ class Trainer:
         problems = self.cursor.next_batch(self.cfg.rollout.prompts_per_step)
         s = StepState(self.step_index, lam, self.version, problems, *self.prompts(problems))
         s.probe_failures = len(failed)
+        s.images, s.image_bytes, s.image_count = self.image_refs(problems)
         with self._timed(s, "gen"):
-            groups = self.pools.generate(s.prompt_ids, train_sampling(self.cfg, s.index), self.version)
+            groups = self.pools.generate(
+                s.prompt_ids, train_sampling(self.cfg, s.index), self.version, images=s.images
+            )
         s.rollouts = [r for group in groups for r in group]
         return s
 
@@ -203,6 +279,11 @@ class Trainer:
         if "vllm" in backends and self.cfg.rollout.temperature != 1.0:
             return []  # vLLM scores at temperature 1 only
         problem = self._probe_problem
+        if problem.images:  # the probe is a text sequence (a VL model scores text too)
+            from cepo_services.common.vision import IMAGE_PLACEHOLDER
+
+            text = problem.problem.replace(IMAGE_PLACEHOLDER, "").strip() or "?"
+            problem = problem.model_copy(update={"problem": text, "images": []})
         prompt = self.prompts([problem])[1][0]
         response = self.tokenizer.encode(f"\\boxed{{{problem.answer}}}", add_special_tokens=False)
         expected = self.learner.old_logprobs([(prompt, response)])[0, : len(response)].numpy()
@@ -265,8 +346,18 @@ class Trainer:
             if items:
                 expected = self.teacher_version if cfg.teacher_source != "reference" else None
                 temperature, template = cfg.rollout.temperature, cfg.teacher.template
+                images = (
+                    None
+                    if s.images is None
+                    else ImageRefs(batch=s.images.batch, rows=[s.images.rows[s.groups[i]] for i in rows])
+                )
                 pos, neg, unfit = self.pools.score(
-                    items, temperature=temperature, template=template, version=expected
+                    items,
+                    temperature=temperature,
+                    template=template,
+                    version=expected,
+                    images=images,
+                    sees_image=cfg.teacher.sees_image,
                 )
                 s.teacher_unfit = len(unfit)  # their scores stay 0 = 0: Δ = 0, the row keeps A
                 for i, p, q in zip(rows, pos, neg, strict=True):
@@ -300,9 +391,14 @@ class Trainer:
         """Old log-probs and one PPO-clip update → adapter v + 1; a poisoned batch (non-finite advantages, or a
         non-finite loss or gradient norm on the learner) is skipped: weights and version stay v."""
         samples = [(s.prompt_ids[r.prompt_index], r.response_ids) for r in s.rollouts]
+        images = (
+            None
+            if s.images is None
+            else ImageRefs(batch=s.images.batch, rows=[s.images.rows[r.prompt_index] for r in s.rollouts])
+        )
         with self._timed(s, "old_logp"):
             s.old_logp = self.learner.old_logprobs(
-                samples, micro_batch_size=self.cfg.learner.micro_batch_size
+                samples, micro_batch_size=self.cfg.learner.micro_batch_size, images=images
             )
         bad = sorted({int(i) for i in (~torch.isfinite(s.token_adv)).nonzero()[:, 0].tolist()})
         if bad:
@@ -319,6 +415,7 @@ class Trainer:
             settings=update_settings(self.cfg),
             distill=distill,
             teacher_samples=teacher_samples,
+            images=images,
         )
         with self._timed(s, "update"):
             result = self.learner.update(request)
@@ -338,6 +435,7 @@ class Trainer:
         """The step's report, recorded everywhere; checkpoint every ``logging.checkpoint_every`` steps."""
         stats = update.stats
         report = s.report(self.method.name, update, seconds)
+        report.image_bytes, report.images = s.image_bytes, s.image_count
         self.recorder.dump_tokens(s, report.policy_version, self.tokenizer)
         self.recorder.record(report, s.samples(self.cfg.logging.samples_per_step))
         if s.restarts:
@@ -408,8 +506,12 @@ class Trainer:
         """
         from cepo.evaluate import heldout_accuracy
 
+        self.check_images(problems)
+        images = self.image_refs(problems)[0]
+
         def generate(ids: list[list[int]], spec: SamplingSpec) -> list[list[str]]:
-            return [[r.text for r in group] for group in self.pools.generate(ids, spec, self.version)]
+            groups = self.pools.generate(ids, spec, self.version, images=images)
+            return [[r.text for r in group] for group in groups]
 
         modes = eval_modes(self.cfg, greedy=greedy)
         modes[0] = ("sampled", modes[0][1].model_copy(update={"n": samples}))

@@ -8,6 +8,11 @@ an id with changed files would keep serving the old weights.
 
 Sampled-token log-probs are those of the distribution actually sampled from (after temperature, top-k and
 top-p), i.e. vLLM's ``processed_logprobs``; the learner recomputes old log-probs itself.
+
+Vision-language models (config with a ``vision_config``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) take ``images``: per
+prompt or sequence, the images of its ``<|image_pad|>`` runs as prepared arrays (``cepo_services.common.vision``).
+Token ids always carry the image tokens expanded; vLLM gets each run collapsed to one token with the images as
+multi-modal data, expands it itself, and the engine checks its expansion is the ids it was given.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cepo_proto.adapter import AdapterPayload, checksum_files
 from cepo_proto.pipeline import SamplingSpec
+from cepo_services.common import vision
 
 __all__ = [
     "Completion",
@@ -41,11 +48,16 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
 
 
+Images = list[list[Any]] | None  # per prompt / sequence: its images ([H, W, 3] uint8 arrays), or None
+
+
 class Engine(ABC):
     """Generation with an optional LoRA adapter, loaded by version."""
 
     #: the longest sequence ``score`` accepts (None: no limit the engine knows of)
     max_score_len: int | None = None
+    #: a vision-language model: ``generate`` and ``score`` take images
+    vision: bool = False
 
     def __init__(self) -> None:
         self.version: int | None = None
@@ -71,12 +83,35 @@ class Engine(ABC):
         """Serve ``payload`` from now on; return (version, checksum of the loaded bytes)."""
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> list[list[Completion]]:
         """``spec.n`` completions for each prompt (token ids), in prompt order."""
 
     @abstractmethod
-    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, sequences: list[tuple[list[int], int]], temperature: float = 1.0, images: Images = None
+    ) -> list[list[float]]:
         """For each (input_ids, start): log p(ids[t] | ids[:t]) at temperature for t = start … len − 1."""
+
+    def _check_images(self, ids: list[list[int]], images: Images) -> None:
+        """Images only for a VL model, one list per row, one image per run of image tokens."""
+        if images is None:
+            return
+        if len(images) != len(ids):
+            raise ValueError(f"{len(images)} image lists for {len(ids)} sequences")
+        if any(images) and not self.vision:
+            raise ValueError(
+                "this model is text-only (its config has no vision_config) but images were given"
+            )
+        for i, (row, imgs) in enumerate(zip(ids, images, strict=True)):
+            runs = sum(
+                1 for k, t in enumerate(row) if t == self.image_token_id and (k == 0 or row[k - 1] != t)
+            )
+            if runs != len(imgs or ()):
+                raise ValueError(f"sequence {i}: {runs} image token runs but {len(imgs or ())} images")
+
+    image_token_id: int = -1
 
     def close(self) -> None:
         shutil.rmtree(self._adapter_root, ignore_errors=True)
@@ -102,11 +137,17 @@ class VLLMEngine(Engine):
         enforce_eager: bool = True,
         kv_cache_gib: int = 1,
         gpu_memory_utilization: float = 0.6,
+        max_images: int = 1,
     ) -> None:
         super().__init__()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         from vllm import LLM
 
+        extra: dict[str, Any] = {}
+        if vision.is_vision_language(model_path):
+            self.vision = True
+            self.image_token_id = int(vision.model_config(model_path).image_token_id)
+            extra["limit_mm_per_prompt"] = {"image": max_images, "video": 0}
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -118,6 +159,7 @@ class VLLMEngine(Engine):
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             logprobs_mode="processed_logprobs",
+            **extra,
         )
         self._lora = None
         self.max_score_len = max_model_len - 1  # scoring generates one token after the sequence
@@ -142,7 +184,35 @@ class VLLMEngine(Engine):
         self._forget_older(folder)
         return payload.version, checksum
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def _inputs(self, ids: list[list[int]], images: Images) -> list[dict[str, Any]]:
+        self._check_images(ids, images)
+        inputs = []
+        for row, imgs in zip(ids, images or [None] * len(ids), strict=True):
+            if imgs:
+                inputs.append(
+                    {
+                        "prompt_token_ids": vision.collapse_image_tokens(row, self.image_token_id),
+                        "multi_modal_data": {"image": vision.to_pil(imgs)},
+                    }
+                )
+            else:
+                inputs.append({"prompt_token_ids": list(row)})
+        return inputs
+
+    @staticmethod
+    def _check_expansion(ids: list[list[int]], outputs: list[Any]) -> None:
+        """vLLM's own image-token expansion must give exactly the ids the rest of the pipeline uses."""
+        for i, (row, output) in enumerate(zip(ids, outputs, strict=True)):
+            got = list(output.prompt_token_ids or [])
+            if got != list(row):
+                raise ValueError(
+                    f"sequence {i}: vLLM expanded the image tokens to {len(got)} ids, the prompt has {len(row)}: "
+                    "images must be prepared by cepo_services.common.vision.prepare_image"
+                )
+
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -159,8 +229,10 @@ class VLLMEngine(Engine):
             for i, p in enumerate(params):
                 p.seed = spec.seed + i
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompts], params, lora_request=self._lora, use_tqdm=False
+            self._inputs(prompts, images), params, lora_request=self._lora, use_tqdm=False
         )
+        if images:
+            self._check_expansion(prompts, outputs)
         results = []
         for output in outputs:
             group = []
@@ -173,7 +245,9 @@ class VLLMEngine(Engine):
             results.append(group)
         return results
 
-    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, sequences: list[tuple[list[int], int]], temperature: float = 1.0, images: Images = None
+    ) -> list[list[float]]:
         from vllm import SamplingParams
 
         _check_score_inputs(sequences, temperature)
@@ -186,12 +260,12 @@ class VLLMEngine(Engine):
                 "use teacher.backend=transformers for rollout.temperature != 1"
             )
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        ids_list = [list(ids) for ids, _ in sequences]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(ids)} for ids, _ in sequences],
-            params,
-            lora_request=self._lora,
-            use_tqdm=False,
+            self._inputs(ids_list, images), params, lora_request=self._lora, use_tqdm=False
         )
+        if images:
+            self._check_expansion(ids_list, outputs)
         scores = []
         for (ids, start), output in zip(sequences, outputs, strict=True):
             # prompt_logprobs[t] maps token id → Logprob for prompt position t (position 0 is None)
@@ -215,13 +289,22 @@ class TransformersEngine(Engine):
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0) -> None:
         super().__init__()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.base = vision.load_model(model_path, dtype).eval()
         self.model = self.base
-        self.max_score_len = getattr(self.base.config, "max_position_embeddings", None)
+        config = self.base.config
+        self.image_processor = None
+        if vision.is_vision_language(model_path):
+            from transformers import AutoProcessor
+
+            self.vision = True
+            self.image_token_id = int(config.image_token_id)
+            self.image_processor = AutoProcessor.from_pretrained(model_path).image_processor
+            config = config.get_text_config()
+        self.max_score_len = getattr(config, "max_position_embeddings", None)
 
     def load_adapter(self, payload: AdapterPayload) -> tuple[int, str]:
         from peft import PeftModel
@@ -239,9 +322,12 @@ class TransformersEngine(Engine):
         self._forget_older(folder)
         return payload.version, checksum
 
-    def generate(self, prompts: list[list[int]], spec: SamplingSpec) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> list[list[Completion]]:
         import torch
 
+        self._check_images(prompts, images)
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         width = max(len(p) for p in prompts)
@@ -260,6 +346,7 @@ class TransformersEngine(Engine):
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=attention,
+                **vision.vision_kwargs(ids, images, self.image_processor, self.image_token_id),
                 do_sample=not greedy,
                 temperature=None if greedy else spec.temperature,
                 top_p=None if greedy else spec.top_p,
@@ -296,9 +383,20 @@ class TransformersEngine(Engine):
             )
         return results
 
-    def score(self, sequences: list[tuple[list[int], int]], temperature: float = 1.0) -> list[list[float]]:
+    def score(
+        self, sequences: list[tuple[list[int], int]], temperature: float = 1.0, images: Images = None
+    ) -> list[list[float]]:
+        self._check_images([ids for ids, _ in sequences], images)
         pad = self.tokenizer.pad_token_id or 0
-        return score_token_logprobs(self.model, sequences, temperature=temperature, pad_id=pad)
+        return score_token_logprobs(
+            self.model,
+            sequences,
+            temperature=temperature,
+            pad_id=pad,
+            images=images,
+            image_processor=self.image_processor,
+            image_token_id=self.image_token_id,
+        )
 
 
 class PresencePenalty:
@@ -325,10 +423,13 @@ def score_token_logprobs(
     temperature: float = 1.0,
     pad_id: int = 0,
     batch_size: int = 16,
+    images: Images = None,
+    image_processor: Any = None,
+    image_token_id: int = -1,
 ) -> list[list[float]]:
     """Batched, no-grad scoring with a transformers causal LM: for each (input_ids, start), the log-probs
     log p(ids[t] | ids[:t]) at ``temperature`` for t = start … len − 1. Only these leave the function, never
-    full-vocabulary logits."""
+    full-vocabulary logits. A VL model takes each sequence's ``images`` (see :func:`vision.vision_kwargs`)."""
     import torch
 
     _check_score_inputs(sequences, temperature)
@@ -343,11 +444,12 @@ def score_token_logprobs(
             for row, (seq, _) in enumerate(chunk):  # right padding keeps positions 0 … len − 1
                 ids[row, : len(seq)] = torch.tensor(seq)
                 attention[row, : len(seq)] = 1
-            logits = (
-                model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
-            )
+            ids = ids.to(device)
+            rows = None if images is None else images[chunk_start : chunk_start + batch_size]
+            extra = vision.vision_kwargs(ids, rows, image_processor, image_token_id)
+            logits = model(input_ids=ids, attention_mask=attention.to(device), **extra).logits[:, :-1].float()
             logp = torch.log_softmax(logits / temperature, -1)
-            token_logp = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            token_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
             for row, (seq, start) in enumerate(chunk):
                 scores.append(token_logp[row, start - 1 : len(seq) - 1].tolist())  # logits at t − 1 predict t
     return scores

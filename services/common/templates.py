@@ -17,7 +17,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["TeacherSequence", "build_teacher_sequence", "chat_prompt_ids", "teacher_context_ids"]
+__all__ = [
+    "IMAGE_MARKUP",
+    "TeacherSequence",
+    "build_teacher_sequence",
+    "chat_prompt_ids",
+    "image_prompt_text",
+    "strip_image_markup",
+    "teacher_context_ids",
+]
+
+# What a problem's ``<image>`` placeholder becomes in a vision-language prompt (Qwen-VL's layout); the single
+# ``<|image_pad|>`` is expanded to the image's token count afterwards (cepo_services.common.vision).
+IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def image_prompt_text(text: str, placeholder: str = "<image>") -> str:
+    """``text`` with every ``placeholder`` replaced by :data:`IMAGE_MARKUP`."""
+    return text.replace(placeholder, IMAGE_MARKUP)
+
+
+def strip_image_markup(text: str) -> str:
+    """``text`` without its images (the official code's blind teacher): each :data:`IMAGE_MARKUP` removed."""
+    return text.replace(IMAGE_MARKUP, "")
+
 
 TEACHER_HINT = "\nHere is a sample answer: {answer}"
 OFFICIAL_HINT = " {answer}"  # the published code: f" {answer}" tokenized right after the generation prompt

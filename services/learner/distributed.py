@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from cepo_proto.adapter import AdapterPayload
 from cepo_proto.learner import UpdateRequest, UpdateResult, UpdateStats
+from cepo_proto.pipeline import ImageRefs
 from cepo_services.common import metrics
 from cepo_services.learner.policy import LoraPolicy, PolicyBatch, plan_update, shard_bounds
 
@@ -151,8 +152,9 @@ class LearnerRank:
             raise _PeerRejected("another learner rank rejected its inputs")
         return prepared
 
-    def _batch(self, samples: Samples, index: Sequence[int]) -> PolicyBatch:
-        """This rank's shard as a batch; ``index`` holds each sample's index in the global batch."""
+    def _batch(self, samples: Samples, index: Sequence[int], images: ImageRefs | None = None) -> PolicyBatch:
+        """This rank's shard as a batch; ``index`` holds each sample's index in the global batch; ``images``
+        each sample's images (a VL policy)."""
         for i, (prompt, response) in zip(index, samples, strict=True):
             bad = [t for t in (*prompt, *response) if not 0 <= int(t) < self.vocab_size]
             if bad:
@@ -162,16 +164,24 @@ class LearnerRank:
         if not samples:
             return PolicyBatch.empty()
         try:
-            return PolicyBatch.build(samples)
+            rows = None if images is None else images.resolve()
+            if rows is not None and any(rows) and self.policy.image_processor is None:
+                raise ValueError("the policy model is text-only but the samples have images")
+            return PolicyBatch.build(samples, images=rows)
         except ValueError as exc:
             first = index[0] if len(index) else 0
             raise ValueError(f"{exc} (counting from sample {first}, this rank's first)") from None
 
     # ------------------------------------------------------------------ work
     def old_logprobs(
-        self, samples: Samples, offset: int, micro_batch_size: int, num_micro_batches: int
+        self,
+        samples: Samples,
+        offset: int,
+        micro_batch_size: int,
+        num_micro_batches: int,
+        images: ImageRefs | None = None,
     ) -> torch.Tensor:
-        batch = self._agree(lambda: self._batch(samples, range(offset, offset + len(samples))))
+        batch = self._agree(lambda: self._batch(samples, range(offset, offset + len(samples)), images))
         return self.policy.old_logprobs(batch, micro_batch_size, num_micro_batches=num_micro_batches)
 
     def update(
@@ -182,9 +192,10 @@ class LearnerRank:
         old_logp: torch.Tensor,
         options: dict[str, Any],
         teacher_samples: Samples | None = None,
+        images: ImageRefs | None = None,
     ) -> UpdateStats:
         def prepare() -> tuple[PolicyBatch, PolicyBatch | None]:
-            batch = self._batch(samples, index)
+            batch = self._batch(samples, index, images)
             width = batch.response_mask.shape[1]
             for name, t in (("advantages", advantages), ("old_logp", old_logp)):
                 if t.shape[0] != len(batch) or t.shape[1] < width:
@@ -348,13 +359,22 @@ class LearnerGroup:
         return bounds, micro
 
     # ------------------------------------------------------------------ API
-    def old_logprobs(self, samples: Samples, micro_batch_size: int = 8) -> torch.Tensor:
-        """[B, T] old-policy log-probs of every sample's response tokens (0 at padding), T = longest response."""
+    def old_logprobs(
+        self, samples: Samples, micro_batch_size: int = 8, images: ImageRefs | None = None
+    ) -> torch.Tensor:
+        """[B, T] old-policy log-probs of every sample's response tokens (0 at padding), T = longest response;
+        ``images``: each sample's images (a VL policy)."""
         actors = self._live()
         samples = [(list(p), list(r)) for p, r in samples]
         bounds, micro = self._shards(samples, micro_batch_size)
         refs = [
-            a.old_logprobs.remote(samples[start:stop], start, micro_batch_size, micro)
+            a.old_logprobs.remote(
+                samples[start:stop],
+                start,
+                micro_batch_size,
+                micro,
+                None if images is None else images.slice(start, stop),
+            )
             for a, (start, stop) in zip(actors, bounds, strict=True)
         ]
         parts = self._call("old_logprobs", refs)
@@ -393,6 +413,9 @@ class LearnerGroup:
                 None
                 if request.distill is None
                 else [(list(teacher[i][0]), list(teacher[i][1])) for i in rows],
+                None
+                if request.images is None
+                else ImageRefs(batch=request.images.batch, rows=[request.images.rows[i] for i in rows]),
             )
             for a, (rows, plan) in zip(actors, plans, strict=True)
         ]

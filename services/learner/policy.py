@@ -12,6 +12,13 @@ Gradients are then *summed* across ranks (no division by the world size), so a l
 token / sequence count gives the exact global-batch gradient. FSDP2 runs collectives in every forward and
 backward, so all ranks must run the same number of micro-batches: ``num_micro_batches`` pads a rank's work
 with dummy micro-batches that contribute nothing.
+
+A vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: its config has a ``vision_config``) loads with
+``AutoModelForImageTextToText``; LoRA goes on the language model's projections only (the vision tower and
+``lm_head`` stay frozen), and a batch row may carry images: the forward gets their pixel values, grid sizes and
+``mm_token_type_ids`` and computes its own M-RoPE positions. Under FSDP only the language model's decoder layers
+are sharded; the frozen vision tower stays in the root group, all-gathered by every rank at every forward, so a
+rank whose micro-batch has no image runs the same collectives as one whose micro-batch has.
 """
 
 from __future__ import annotations
@@ -83,9 +90,15 @@ class PolicyBatch:
     attention_mask: torch.Tensor  # [B, L]
     response_mask: torch.Tensor  # [B, T] 1 at response tokens
     response_index: torch.Tensor  # [B, T] position in input_ids of each response token (0 at padding)
+    images: list[list[Any]] | None = None  # per row, its images (prepared [H, W, 3] uint8 arrays), or None
 
     @classmethod
-    def build(cls, samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> PolicyBatch:
+    def build(
+        cls,
+        samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+        pad_id: int = 0,
+        images: Sequence[Sequence[Any]] | None = None,
+    ) -> PolicyBatch:
         if not samples:
             raise ValueError("a policy batch needs at least one sample")
         for i, (prompt, response) in enumerate(samples):
@@ -103,7 +116,10 @@ class PolicyBatch:
             attention[row, : len(seq)] = 1
             mask[row, : len(response)] = 1
             index[row, : len(response)] = torch.arange(len(prompt), len(seq))
-        return cls(ids, attention, mask, index)
+        if images is not None and len(images) != len(samples):
+            raise ValueError(f"{len(images)} image lists for {len(samples)} samples")
+        rows = None if images is None or not any(images) else [list(i or ()) for i in images]
+        return cls(ids, attention, mask, index, rows)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -115,6 +131,7 @@ class PolicyBatch:
             self.attention_mask[start:stop],
             self.response_mask[start:stop, :width],
             self.response_index[start:stop, :width],
+            None if self.images is None else self.images[start:stop],
         )
 
     @classmethod
@@ -169,15 +186,19 @@ class LoraPolicy:
         device: str = "cpu",
     ) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
 
-        if "lm_head" in target_modules:
-            raise ValueError("lm_head may not be a LoRA target (vLLM ignores LoRA on lm_head when scoring)")
+        from cepo_services.common import vision
+
+        targets = vision.language_lora_targets(model_path, list(target_modules))  # refuses lm_head
         torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        config = LoraConfig(
-            r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
-        )
+        base = vision.load_model(model_path, dtype)
+        self.image_processor, self.image_token_id = None, -1
+        if vision.is_vision_language(model_path):
+            from transformers import AutoProcessor
+
+            self.image_processor = AutoProcessor.from_pretrained(model_path).image_processor
+            self.image_token_id = int(base.config.image_token_id)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
         self.model = get_peft_model(base, config)
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -203,7 +224,13 @@ class LoraPolicy:
             raise RuntimeError("fsdp=True needs an initialised torch.distributed process group")
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         layer_classes = set(getattr(self.model.get_base_model(), "_no_split_modules", None) or ())
-        layers = [m for m in self.model.modules() if type(m).__name__ in layer_classes]
+        # a VL model's vision blocks stay in the root group: a rank without an image in its micro-batch must
+        # run the same collectives as one with
+        layers = [
+            m
+            for name, m in self.model.named_modules()
+            if type(m).__name__ in layer_classes and ".visual." not in f".{name}."
+        ]
         if not layers:
             raise RuntimeError(f"no decoder layer of classes {sorted(layer_classes)} to shard")
         for module in [*layers, self.model]:
@@ -215,9 +242,14 @@ class LoraPolicy:
     # ------------------------------------------------------------------ log-probs
     def response_logits(self, batch: PolicyBatch) -> torch.Tensor:
         """[B, T, V] float32 logits predicting each response token (differentiable; raw, no temperature)."""
+        from cepo_services.common.vision import vision_kwargs
+
         input_ids = batch.input_ids.to(self.device)
         index = batch.response_index.to(self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=batch.attention_mask.to(self.device)).logits
+        extra = vision_kwargs(input_ids, batch.images, self.image_processor, self.image_token_id)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=batch.attention_mask.to(self.device), **extra
+        ).logits
         # logits at position p − 1 predict the token at p
         prev = (index - 1).clamp_min(0)
         return logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()

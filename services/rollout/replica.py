@@ -23,7 +23,8 @@ class RolloutReplica(EngineReplica):
     def _generate(self, request: GenerateRequest) -> RolloutResult:
         self.check_version(request.expected_version)
         start = time.perf_counter()
-        groups = self.engine.generate(request.prompts, request.sampling)
+        images = None if request.images is None else request.images.resolve()
+        groups = self.engine.generate(request.prompts, request.sampling, images=images)
         rollouts = [
             [
                 Rollout(

@@ -4,6 +4,11 @@ Positive and negative contexts of every item go through the engine in one batche
 ``negative`` is None is scored under the student's own context (P_T⁻ := P_S). An item whose positive or negative
 sequence is longer than the engine scores (``Engine.max_score_len``) is not sent to the engine: it comes back in
 ``TeacherScores.unfit`` with empty scores, and the controller gives its row Δ = 0.
+
+Images (a vision-language model): the student context P_S always contains the problem's images; the r⁺ / r⁻
+contexts contain them too with ``TeacherRequest.sees_image`` (the paper's reading), or have the image markup
+removed from the text without it (the official code's blind teacher). Image tokens are expanded exactly as in the
+student prompt, so the response ids follow a context whose image tokens every engine expands alike.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import time
 import numpy as np
 
 from cepo_proto.pipeline import TeacherRequest, TeacherScores
-from cepo_services.common import metrics
+from cepo_services.common import metrics, vision
 from cepo_services.common.replica import EngineReplica
-from cepo_services.common.templates import build_teacher_sequence, teacher_context_ids
+from cepo_services.common.templates import (
+    build_teacher_sequence,
+    strip_image_markup,
+    teacher_context_ids,
+)
 
 __all__ = ["TeacherReplica"]
 
@@ -28,34 +37,46 @@ class TeacherReplica(EngineReplica):
 
         super().__init__(name, backend, model_path, **engine_kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.vision = vision.vision_spec(model_path) if vision.is_vision_language(model_path) else None
 
     def sequences(
-        self, request: TeacherRequest
-    ) -> tuple[list[tuple[list[int], int]], list[tuple[int | None, int]]]:
-        """Flattened (ids, response start) pairs and, per item, the indices of its positive and negative."""
+        self, request: TeacherRequest, images: list[list] | None = None
+    ) -> tuple[list[tuple[list[int], int]], list[tuple[int | None, int]], list[list]]:
+        """Flattened (ids, response start) pairs, per item the indices of its positive and negative, and per
+        sequence its images (``images``: per item, its problem's prepared images)."""
         pairs: list[tuple[list[int], int]] = []
         where: list[tuple[int | None, int]] = []
+        seq_images: list[list] = []
+        blind = images is not None and not request.sees_image
 
-        def add(context: list[int], response: list[int]) -> int:
-            seq = build_teacher_sequence(context, response)
+        def context(item, answer: str, item_images: list) -> list[int]:
+            if blind:  # the official code's teacher: the text without the image
+                return teacher_context_ids(
+                    self.tokenizer, strip_image_markup(item.student_prompt), answer, request.template
+                )
+            ids = teacher_context_ids(self.tokenizer, item.student_prompt, answer, request.template)
+            if item_images:
+                ids = vision.expand_image_tokens(ids, item_images, self.vision)
+            return ids
+
+        def add(ctx: list[int], response: list[int], ctx_images: list) -> int:
+            seq = build_teacher_sequence(ctx, response)
             pairs.append((seq.input_ids, seq.response_start))
+            seq_images.append(ctx_images)
             return len(pairs) - 1
 
-        for item in request.items:
+        for k, item in enumerate(request.items):
+            item_images = [] if images is None else images[k]
+            teacher_images = [] if blind else item_images
             pos = None
             if item.positive is not None:
-                pos = add(
-                    teacher_context_ids(self.tokenizer, item.student_prompt, item.positive, request.template),
-                    item.response_ids,
-                )
-            if item.negative is None:
-                neg_context = item.student_prompt_ids  # P_T⁻ := P_S
+                pos = add(context(item, item.positive, item_images), item.response_ids, teacher_images)
+            if item.negative is None:  # P_T⁻ := P_S: the student's own context, its images included
+                neg = add(item.student_prompt_ids, item.response_ids, item_images)
             else:
-                neg_context = teacher_context_ids(
-                    self.tokenizer, item.student_prompt, item.negative, request.template
-                )
-            where.append((pos, add(neg_context, item.response_ids)))
-        return pairs, where
+                neg = add(context(item, item.negative, item_images), item.response_ids, teacher_images)
+            where.append((pos, neg))
+        return pairs, where, seq_images
 
     def score(self, request: TeacherRequest) -> TeacherScores:
         with metrics.track_teacher(self.name) as tracked:
@@ -67,7 +88,10 @@ class TeacherReplica(EngineReplica):
         if request.expected_version is not None:  # None: the frozen reference teacher
             self.check_version(request.expected_version)
         start = time.perf_counter()
-        pairs, where = self.sequences(request)
+        images = None if request.images is None else request.images.resolve()
+        if images is not None and self.vision is None and any(images):
+            raise ValueError(f"{self.name}: the teacher model is text-only but the items have images")
+        pairs, where, seq_images = self.sequences(request, images)
         limit = self.engine.max_score_len
         fits = lambda i: i is None or limit is None or len(pairs[i][0]) <= limit  # noqa: E731
         unfit = [k for k, (pos, neg) in enumerate(where) if not (fits(pos) and fits(neg))]
@@ -77,7 +101,13 @@ class TeacherReplica(EngineReplica):
         scored = dict(
             zip(
                 sent,
-                self.engine.score([pairs[i] for i in sent], request.temperature) if sent else [],
+                self.engine.score(
+                    [pairs[i] for i in sent],
+                    request.temperature,
+                    images=[seq_images[i] for i in sent] if images is not None else None,
+                )
+                if sent
+                else [],
                 strict=True,
             )
         )
