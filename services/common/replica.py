@@ -32,6 +32,23 @@ class EngineReplica:
         metrics.set_adapter_version(self.service, self.name, version)
         return AdapterAck(replica=self.name, version=version, checksum=checksum)
 
+    def pull(self, version: int, checksum: str, where: list) -> AdapterAck:
+        """Serve adapter ``version`` (whose bytes hash to ``checksum``): a replica that already holds it only
+        confirms; otherwise it fetches the payload from the object store (``where[0]``, an ObjectRef passed
+        inside a list so that Ray hands over the reference, not the bytes) and loads it. The controller tells
+        every replica what to serve; new, restarted and lagging replicas catch up by pulling."""
+        if (self.engine.version, self.engine.checksum) == (version, checksum):
+            return AdapterAck(replica=self.name, version=version, checksum=checksum)
+        import ray
+
+        payload = ray.get(where[0])
+        if (payload.version, payload.checksum) != (version, checksum):
+            raise VersionMismatch(
+                f"{self.name} was told to serve version {version} ({checksum[:12]}), the object holds "
+                f"version {payload.version} ({payload.checksum[:12]})"
+            )
+        return self.load_adapter(payload)
+
     def serving(self) -> tuple[int | None, str | None]:
         return self.engine.version, self.engine.checksum
 
@@ -60,6 +77,12 @@ class EngineReplica:
     def pid(self) -> int:
         """The replica's process id (operators and fault-injection tests kill it with this)."""
         return os.getpid()
+
+    def node(self) -> dict[str, str]:
+        """Where this replica runs: Ray node id and address."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
 
     def shutdown(self) -> None:
         self.engine.close()

@@ -83,22 +83,35 @@ class LearnerRank:
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         backend: str,
         model_path: str,
         policy_kwargs: dict[str, Any],
         threads: int,
         pg_timeout_s: float,
     ) -> None:
-        # a failure here is kept and raised by ready(): the driver then sees the real error, not "actor died"
+        # the group joins in join(), once rank 0's node (the rendezvous address) is known
         self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda" if backend == "nccl" else "cpu")
+        self._settings = (backend, model_path, policy_kwargs, threads, pg_timeout_s)
         self._start_error: BaseException | None = None
+
+    def node(self) -> dict[str, Any]:
+        """Where this rank runs: Ray node id and address (rank 0's is the group's rendezvous address)."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
+    def free_port(self) -> int:
+        """A port free on this rank's node (rank 0's: the rendezvous port when the ranks span nodes)."""
+        return _free_port()
+
+    def join(self, master_addr: str, master_port: int) -> None:
+        """Join the process group at rank 0's (address, port) and build the policy. A failure is raised here
+        (the driver sees the real error, not "actor died") and kept for ready()."""
+        backend, model_path, policy_kwargs, threads, pg_timeout_s = self._settings
         try:
             self._start(master_addr, master_port, backend, model_path, policy_kwargs, threads, pg_timeout_s)
         except Exception as exc:
             self._start_error = exc
+            raise
 
     def _start(
         self,
@@ -259,6 +272,7 @@ class LearnerGroup:
         backend: str = "auto",
         cpus_per_rank: float = 1,
         gpus_per_rank: float = 0,
+        resources: dict[str, float] | None = None,
         timeout_s: float = 600.0,
         grace_s: float = 30.0,
     ) -> None:
@@ -275,24 +289,44 @@ class LearnerGroup:
         self._version = 0
         self.timeout_s, self.grace_s = timeout_s, grace_s
         threads = max(1, int(cpus_per_rank))
+        options: dict[str, Any] = {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank, "max_restarts": 0}
+        if resources:
+            options["resources"] = dict(resources)
         for attempt in range(1, PORT_ATTEMPTS + 1):
             # the rendezvous port is free when chosen, but another process may take it before rank 0
             # binds it: that one error is retried on a fresh port, any other is raised at once
             self._closed: str | None = None
-            port = _free_port()
             self._actors = [
-                LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, max_restarts=0).remote(
-                    r, ranks, "127.0.0.1", port, backend, model_path, dict(policy_kwargs), threads, timeout_s
+                LearnerRank.options(**options).remote(
+                    r, ranks, backend, model_path, dict(policy_kwargs), threads, timeout_s
                 )
                 for r in range(ranks)
             ]
             try:
+                self.nodes = self._call("start", [a.node.remote() for a in self._actors])
+                master_addr, port = self._rendezvous()
+                self._call("start", [a.join.remote(master_addr, port) for a in self._actors])
                 self.info = self._call("start", [a.ready.remote() for a in self._actors])
                 break
             except BaseException as exc:
                 self._teardown("failed to start")
                 if attempt == PORT_ATTEMPTS or not _port_taken(exc):
                     raise
+
+    def _rendezvous(self) -> tuple[str, int]:
+        """torch.distributed's master (address, port): loopback when every rank shares one node, else rank 0's
+        node address and a port free there, so ranks may sit on different nodes of a cluster."""
+        one_node = len({n["node_id"] for n in self.nodes}) == 1
+        if one_node and self._on_this_node(0):
+            return "127.0.0.1", _free_port()
+        port = self._call("start", [self._actors[0].free_port.remote()])[0]
+        return ("127.0.0.1" if one_node else self.nodes[0]["ip"]), port
+
+    def _on_this_node(self, rank: int) -> bool:
+        try:
+            return self.nodes[rank]["node_id"] == ray.get_runtime_context().get_node_id()
+        except Exception:  # not connected as a driver of this cluster's nodes
+            return False
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, refs: list[ray.ObjectRef]) -> list[Any]:

@@ -56,5 +56,11 @@ class VerifierReplica:
         """The replica's process id (operators and fault-injection tests kill it with this)."""
         return os.getpid()
 
+    def node(self) -> dict[str, str]:
+        """Where this replica runs: Ray node id and address."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+
     def shutdown(self) -> None:
         self.grader.close()
