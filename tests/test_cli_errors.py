@@ -119,6 +119,26 @@ def test_unreachable_redis_train(tmp_path: Path) -> None:
     assert time.monotonic() - started < 90
 
 
+def test_train_with_an_unreachable_hub_model_fails_at_once(tmp_path: Path) -> None:
+    """A Hub id that is not cached, offline: one line naming model.path before any service starts."""
+    started = time.monotonic()
+    done = _cepo(
+        tmp_path,
+        "train",
+        "-c",
+        "configs/tiny.yaml",
+        "--set",
+        "model.path=some-org/not-cached-model",
+        "--run-dir",
+        str(tmp_path / "run"),
+        HF_HUB_OFFLINE="1",
+    )
+    line = _one_error(done)
+    assert "model.path some-org/not-cached-model" in line and "HF_HUB_OFFLINE" in line, line
+    assert "services up" not in done.stdout and time.monotonic() - started < 60
+    assert not (tmp_path / "run" / "config.yaml").exists()  # no run was recorded
+
+
 # ---------------------------------------------------------------------------------------------- markup
 
 

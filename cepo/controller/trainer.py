@@ -98,7 +98,7 @@ class Trainer:
         from cepo.data import DataCursor, from_config
 
         cfg = self.cfg
-        check_model_path(cfg.model.path)  # a missing model is one clear error now, not a Hub lookup later
+        check_model_path(cfg.model.path, hub=True)  # a missing model (or an unreachable Hub) fails now, once
         checkpoint = load_checkpoint(self.run_dir) if resume else None  # a damaged one fails before anything
         if checkpoint is not None:
             self.run_id = self.recorder.run_id = checkpoint.state.get("run_id", self.run_id)
