@@ -395,7 +395,7 @@ def eval_(
         raise typer.Exit(2) from None
     if out is not None:
         out.write_text(json.dumps(results, indent=2))
-    average = "  ".join(f"{k} {v:.3f}" for k, v in results["average"].items())
+    average = "  ".join(f"{k} {v:.3f}" for k, v in results.get("average", {}).items())
     where = f"; results in {out}" if out is not None else ""
     console.print(f"average: {average}  (engine logs: {log_file}{where})", highlight=False, soft_wrap=True)
     print(json.dumps(results, indent=2))

@@ -327,6 +327,6 @@ def test_readme_eval_examples_run_offline(tiny_model_dir: Path, tmp_path: Path) 
         assert done.returncode == 0, f"{shlex.join(args)}\n{done.stderr[-3000:]}"
         results = json.loads((tmp_path / "out.json").read_text())
         suites = args[args.index("--suites") + 1].split(",")
-        assert set(results) == {*suites, "average"}
+        assert set(results) == {*suites, "average", "settings"}
         assert all(results[s]["n"] == 4 and results[s]["train_overlap"] == 0 for s in suites)
         print(f"{shlex.join(args[:-2])}: {seconds:.0f} s")
