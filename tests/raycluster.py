@@ -161,3 +161,71 @@ def _wait_nodes(cluster: Cluster, count: int, log: Path, timeout: float = 120.0)
             return
         time.sleep(1)
     raise TimeoutError(f"{count} Ray nodes not up within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+# ---------------------------------------------------------------------------------------------- `cepo serve`
+CEPO = str(Path(sys.executable).with_name("cepo"))
+
+
+def http(method: str, url: str, body: object = None, token: str | None = None, raw: bytes | None = None):
+    """(status, parsed JSON or text) of one request; never raises for an HTTP error status."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@contextlib.contextmanager
+def cepo_serve(args: list[str], log: Path, env: dict[str, str], port: int, token: str | None = None):
+    """`cepo serve --port PORT ARGS` as a process of ours; yields its URL once /readyz answers 200; SIGINT at
+    the end (then its whole process tree is killed if anything is left)."""
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [CEPO, "serve", "--port", str(port), *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cepo serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if http("GET", url + "/readyz", token=token)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cepo serve not ready in 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        tree = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

@@ -97,7 +97,8 @@ def start(
             ray.init(
                 num_cpus=cpus, resources=local_role_resources(), include_dashboard=False, log_to_driver=False
             )
-    serve.start(http_options={"host": host, "port": port}, detached=False)
+    # one HTTP proxy, on the head: the API's address is the head's (nodes may share a machine)
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
     serve.run(_deployment(token, root, redis_url, os.getcwd()), name=APP_NAME, route_prefix="/")
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"

@@ -125,7 +125,7 @@ class RunsApi:
 
     def validate(self, body: RunRequest) -> Any:
         """The RunConfig of a request (ConfigError naming the field), with server-side defaults."""
-        from cepo.config import ConfigError, _validate, apply_overrides, load_config
+        from cepo.config import ConfigError, _validate, apply_overrides, check_model_path, load_config
 
         if body.config_path is not None:
             path = self._path(body.config_path)
@@ -149,6 +149,10 @@ class RunsApi:
             cfg = cfg.model_copy(
                 update={"model": cfg.model.model_copy(update={"path": str(model.resolve())})}
             )
+        try:  # as `cepo config validate`: a missing local model, or a Hub model offline, is refused now
+            check_model_path(cfg.model.path, hub=True)
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
         return cfg
 
     def _run_dir(self, run_id: str, wanted: str | None) -> Path:
