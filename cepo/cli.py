@@ -20,7 +20,7 @@ app.add_typer(config_app, name="config")
 models_app = typer.Typer(help="Build or import the offline models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(
-    help="The run ledger: Redis when configured, else the run folders.", no_args_is_help=True
+    help="The run ledger: Redis when configured, else the run folders; with --api, a control API's runs."
 )
 app.add_typer(runs_app, name="runs")
 console = Console(stderr=True, soft_wrap=True)  # a long line is one line in a log too
@@ -499,9 +499,9 @@ def runs_main(ctx: typer.Context, api: ApiOption = None) -> None:
     if ctx.invoked_subcommand is not None:
         ctx.ensure_object(dict)["api"] = api
         return
-    if api is None:
+    if api is None:  # as a group without arguments does: the help, exit code 2
         typer.echo(ctx.get_help())
-        raise typer.Exit(0)
+        raise typer.Exit(2)
     _api_runs(api)
 
 

@@ -141,7 +141,10 @@ class RunsApi:
         if body.overrides:
             data = apply_overrides(data, list(body.overrides))
             source += " with overrides " + " ".join(body.overrides)
-        if self.redis_url and not (data.get("logging") or {}).get("redis_url"):
+        logging = data.get("logging")
+        if self.redis_url and (
+            logging is None or (isinstance(logging, dict) and not logging.get("redis_url"))
+        ):
             data = _merge(data, {"logging": {"redis_url": self.redis_url}})
         cfg = _validate(data, source)
         model = self._path(cfg.model.path)
@@ -175,8 +178,8 @@ class RunsApi:
             cfg = self.validate(body)
         except ConfigError as exc:
             return 422, {"detail": str(exc)}
-        except (OSError, ValueError) as exc:
-            return 422, {"detail": f"{type(exc).__name__}: {exc}"}
+        except (OSError, ValueError, TypeError, AttributeError, LookupError, RecursionError) as exc:
+            return 422, {"detail": f"invalid run request: {type(exc).__name__}: {exc}"}
         run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         try:
             run_dir = self._run_dir(run_id, body.run_dir)
@@ -215,6 +218,19 @@ class RunsApi:
 
 async def _await(ref: Any) -> Any:
     return await ref
+
+
+MAX_DEPTH = 64
+
+
+def _too_deep(body: bytes) -> bool:
+    """Is the JSON nested deeper than MAX_DEPTH (a parser would recurse past its limit)? Brackets inside strings
+    count too: a conservative bound, never too lax."""
+    depth = deepest = 0
+    for byte in body.translate(None, delete=bytes(b for b in range(256) if b not in b"[]{}")):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest > MAX_DEPTH
 
 
 class Guard:
@@ -263,6 +279,9 @@ class Guard:
             if len(body) > MAX_BODY_BYTES:
                 await refuse(413, f"request body over {MAX_BODY_BYTES} bytes")
                 return
+        if body and _too_deep(body):
+            await refuse(422, f"JSON nested deeper than {MAX_DEPTH} levels")
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
