@@ -159,3 +159,56 @@ def check_step_records(run_dir: Path, model_dir: Path, node_a: str, node_b: str)
         assert groups == sorted(list(range(len(expected))) * cfg.rollout.group_size), step
         seen += expected
     assert len(seen) == len(set(seen)) == 36
+
+
+@pytest.mark.slow
+def test_a_replica_pulls_only_what_it_lacks_and_checks_what_it_pulled(tmp_path):
+    """EngineReplica.pull: a replica that holds (version, checksum) confirms without fetching; one that lacks it
+    fetches the object and loads it; an object that is not the version it was told to serve is refused. Queued
+    calls finish before a shutdown queued behind them (how a removed replica drains)."""
+    import os
+
+    import ray
+    from _tiny import save_random_adapter, save_tiny_model
+    from transformers import AutoTokenizer
+
+    from cepo_proto import AdapterPayload
+    from cepo_proto.pipeline import GenerateRequest, SamplingSpec
+    from cepo_services.common.templates import chat_prompt_ids
+    from cepo_services.rollout.replica import RolloutReplica
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    first = AdapterPayload.from_dir(0, save_random_adapter(model_dir, tmp_path / "a0", seed=1))
+    second = AdapterPayload.from_dir(1, save_random_adapter(model_dir, tmp_path / "a1", seed=2))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        replica = ray.remote(num_cpus=1)(RolloutReplica).remote("rollout-0", "transformers", str(model_dir))
+        one, two = ray.put(first), ray.put(second)
+        ack = ray.get(replica.pull.remote(0, first.checksum, [one]), timeout=300)
+        assert (ack.version, ack.checksum) == (0, first.checksum)
+        # holds version 0 already: confirms without fetching (the object it is pointed at is never read)
+        ack = ray.get(replica.pull.remote(0, first.checksum, [two]), timeout=60)
+        assert (ack.version, ack.checksum) == (0, first.checksum)
+        with pytest.raises(ray.exceptions.RayTaskError, match="was told to serve version 1"):
+            ray.get(replica.pull.remote(1, second.checksum, [one]), timeout=60)
+        assert ray.get(replica.serving.remote(), timeout=60) == (0, first.checksum)
+        ack = ray.get(replica.pull.remote(1, second.checksum, [two]), timeout=60)
+        assert (ack.version, ack.checksum) == (1, second.checksum)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        request = GenerateRequest(
+            prompts=[chat_prompt_ids(tok, "Compute 1+2.")] * 4,
+            sampling=SamplingSpec(n=2, temperature=1.0, max_tokens=8),
+            expected_version=1,
+        )
+        queued = [replica.generate.remote(request) for _ in range(3)]
+        done = replica.shutdown.remote()
+        results = ray.get(queued, timeout=300)  # in flight when the shutdown was asked: all finish
+        ray.get(done, timeout=60)
+        assert [len(r.rollouts) for r in results] == [4, 4, 4]
+        ray.kill(replica)
+    finally:
+        if started:
+            ray.shutdown()
