@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # cpu (default) or gpu: which torch + vLLM build to install.
 EXTRA  ?= cpu
 
-.PHONY: setup system-deps run test lint fmt clean
+.PHONY: setup system-deps run test lint fmt clean image compose-test
 
 setup: $(STAMP)
 
@@ -43,6 +43,17 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The deployment image, offline (podman + debootstrap + a pip wheelhouse; needs root): localhost/cepo:$(EXTRA).
+# Cached under ~/.cache/cepo-deploy; see deploy/images/build.sh.
+image:
+	EXTRA=$(EXTRA) bash deploy/images/build.sh
+
+# docker-compose.yml for real with podman: builds the image, brings up head + 2 rollout + teacher + learner +
+# Redis + Prometheus, trains 2 steps through the control API, checks Redis and every Prometheus target, tears
+# down (deploy/compose/test.sh). Not part of `make test`, which needs no container engine.
+compose-test: setup
+	bash deploy/compose/test.sh
 
 lint: setup
 	$(BIN)/ruff check .
