@@ -146,13 +146,26 @@ def bootstrap(
             min=0.0, max=1.0, help="Teacher-form demonstrations with a wrong answer, followed to it."
         ),
     ] = None,
+    vl: Annotated[
+        bool,
+        typer.Option(
+            "--vl", help="The tiny vision-language policy (models/tiny-vl) on the image task instead."
+        ),
+    ] = False,
 ) -> None:
     """Build the default tiny policy offline: BPE tokenizer, Qwen2 model, supervised warm-up on arithmetic.
 
     The teacher fractions make a variant whose answer-conditioned teacher is more informative (see
     docs/results/), e.g. ``--out models/tiny-hint --teacher-fraction 0.25 --teacher-wrong-fraction 0.35``.
+    ``--vl`` builds the tiny Qwen2-VL with its image dataset (configs/tiny-vl.yaml) instead.
     """
     import dataclasses
+
+    if vl:
+        _bootstrap_vl(
+            Path("models/tiny-vl") if out == Path("models/tiny-arith") else out, seed, force, minutes
+        )
+        return
 
     from cepo.models.bootstrap import TinySettings, build_tiny_model
 
@@ -179,6 +192,24 @@ def bootstrap(
     console.print(
         f"{state}: {out}  held-out test accuracy: sampled (T=1) {test.get('sampled_t1', float('nan')):.1%}, "
         f"greedy {test.get('greedy', float('nan')):.1%}"
+    )
+
+
+def _bootstrap_vl(out: Path, seed: int, force: bool, minutes: float) -> None:
+    from cepo.models.tiny_vl import build_tiny_vl_model
+
+    manifest, built = build_tiny_vl_model(
+        out,
+        seed=seed,
+        force=force,
+        minutes=max(minutes, 10.0),
+        log=lambda m: console.print(m, highlight=False),
+    )
+    test = manifest.get("accuracy", {}).get("test", {})
+    console.print(
+        f"{'built' if built else 'cached'}: {out}  held-out test accuracy: sampled (T=1) "
+        f"{test.get('sampled_t1', float('nan')):.1%}, greedy {test.get('greedy', float('nan')):.1%}; "
+        f"image-blind sampled {test.get('blind_sampled_t1', float('nan')):.1%}"
     )
 
 

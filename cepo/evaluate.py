@@ -195,9 +195,9 @@ def evaluate_model(
     from transformers import AutoTokenizer
 
     from cepo.controller.cluster import engine_options, eval_modes
+    from cepo.data.vision_inputs import student_inputs
     from cepo_proto import AdapterPayload
     from cepo_services.common.engines import make_engine
-    from cepo_services.common.templates import chat_prompt_ids
     from cepo_services.verifier.grader import Grader
 
     console = console or Console(stderr=True)
@@ -219,11 +219,14 @@ def evaluate_model(
     modes = eval_modes(cfg, greedy=greedy)
     progress = Progress(len(suites) * len(modes))
     suite_name = [""]
+    suite_images: list = [None]  # a VL model: per prompt of the suite, its prepared images
 
     def generate(ids: list[list[int]], spec: SamplingSpec) -> list[list[str]]:
         mode = "greedy" if spec.temperature == 0 else f"T={spec.temperature:g}"
-        with ticking(console, f"eval {suite_name[0]} ({mode}, {len(ids)} problems × {spec.n}) · {progress} done"):
-            out = [[c.text for c in group] for group in engine.generate(ids, spec)]
+        with ticking(
+            console, f"eval {suite_name[0]} ({mode}, {len(ids)} problems × {spec.n}) · {progress} done"
+        ):
+            out = [[c.text for c in group] for group in engine.generate(ids, spec, images=suite_images[0])]
         progress.advance()
         return out
 
@@ -234,10 +237,9 @@ def evaluate_model(
         for name, suite in suites.items():
             suite_name[0] = name
             problems = suite.problems
-            prompts = [
-                chat_prompt_ids(tokenizer, cfg.data.prompt_template.format(problem=p.problem))
-                for p in problems
-            ]
+            prompts, suite_images[0] = student_inputs(
+                problems, tokenizer, cfg.model.path, cfg.data.prompt_template
+            )
             result = heldout_accuracy(problems, prompts, modes, generate, grader.grade_batch)
             result["train_overlap"] = suite.train_overlap
             results[name] = result

@@ -134,6 +134,9 @@ def train(
             ended_early.set()
             trainer.request_stop()
 
+    from cepo.models.tiny_vl import ensure_tiny_vl
+
+    ensure_tiny_vl(cfg.model.path, log=console.print)  # configs/tiny-vl.yaml's model and data, on first use
     trainer = Trainer(cfg, run_dir, on_step=step_done, log=console.print)
     suites = eval_problems(cfg)
     evaluated: dict[int, dict[str, dict[str, float]]] = {}  # steps done → results

@@ -228,7 +228,9 @@ class Trainer:
 
         texts = [image_prompt_text(t) for t in texts]
         ids = [
-            expand_image_tokens(chat_prompt_ids(self.tokenizer, t), self._problem_images(p), self.vision)
+            expand_image_tokens(
+                chat_prompt_ids(self.tokenizer, t), self._problem_images(p) if p.images else [], self.vision
+            )
             for t, p in zip(texts, problems, strict=True)
         ]
         return texts, ids
