@@ -20,6 +20,7 @@ __all__ = ["TOKEN_ENV", "ServeError", "is_loopback", "serve_forever", "start"]
 TOKEN_ENV = "CEPO_API_TOKEN"
 APP_NAME = "cepo"
 LOCAL_CPUS = 32
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
 class ServeError(RuntimeError):
@@ -53,9 +54,10 @@ def _deployment(token: str | None, root: str, redis_url: str | None, cwd: str) -
     def builder() -> Any:  # a function: Serve calls it in the replica to get the app
         return _build_app(token, root, redis_url, cwd)
 
-    @serve.deployment(
-        name="cepo-api", num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0}
-    )
+    # on the head, beside its HTTP proxy: the runs it starts write below --root there
+    options = {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
+
+    @serve.deployment(name="cepo-api", num_replicas=1, max_ongoing_requests=64, ray_actor_options=options)
     @serve.ingress(builder)
     class ControlApi:
         pass

@@ -189,7 +189,11 @@ class RunsApi:
             return 409, {"detail": f"run_dir {run_dir} already holds a run"}
         if any(Path(d) == run_dir for d in self.run_dirs.values()):
             return 409, {"detail": f"run_dir {run_dir} is in use by another run of this server"}
-        actor = ray.remote(max_concurrency=8, num_cpus=0)(RunActor).remote(
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # the run's controller beside the API (the head): same folders, same working directory
+        actor = ray.remote(max_concurrency=8, num_cpus=0, scheduling_strategy=here)(RunActor).remote(
             run_id, cfg.model_dump(mode="json"), str(run_dir), body.steps, str(self.cwd)
         )
         self.runs[run_id] = actor

@@ -51,7 +51,7 @@ class RunActor:
     ) -> None:
         from cepo.config import RunConfig
 
-        if cwd:
+        if cwd and os.path.isdir(cwd):  # relative paths of the config mean what they meant to the API
             os.chdir(cwd)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.run_id, self.run_dir = run_id, Path(run_dir)
