@@ -111,7 +111,9 @@ def test_teacher_logprobs_equal_a_transformers_forward(trainer, tmp_path):
     model = PeftModel.from_pretrained(base, str(trainer.payload.write_to(tmp_path / "adapter"))).eval()
     local = TeacherReplica.__new__(TeacherReplica)  # only its sequence building, no engine
     local.tokenizer = trainer.tokenizer
-    pairs, where = local.sequences(TeacherRequest(items=items, temperature=1.0, expected_version=None))
+    pairs, where, _images = local.sequences(
+        TeacherRequest(items=items, temperature=1.0, expected_version=None)
+    )
     want = score_token_logprobs(model, pairs)
     for (p, q), got_pos, got_neg in zip(where, pos, neg, strict=True):
         assert np.allclose(got_pos, want[p], atol=1e-4)
