@@ -69,6 +69,10 @@ def test_compose_services_have_health_checks_volumes_and_host_network():
     for name in ("head", *ROLES):
         mounts = {default(m).split(":")[1] for m in services[name]["volumes"]}
         assert {"/work/models", "/work/runs"} <= mounts, name
+        # vLLM's CPU engine binds NUMA memory: refused without these, and it dies on the first request
+        assert (
+            "SYS_NICE" in services[name]["cap_add"] and "seccomp=unconfined" in services[name]["security_opt"]
+        )
     redis = " ".join(map(str, services["redis"]["command"]))
     assert "--requirepass" in redis and "--appendonly yes" in redis
     assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])

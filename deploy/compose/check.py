@@ -5,7 +5,8 @@
 2. a tiny run (configs/tiny.yaml, ``--steps`` steps, small overrides) submitted with ``POST /runs`` finishes;
    while it runs, Prometheus scrapes its services (controller, replicas, learner ranks) and they are up;
 3. its Redis record (cepo/ledger/store.py's ``cepo:run:{id}``) says ``finished`` after ``--steps`` steps;
-4. every Prometheus target is up: each Ray node (one per compose container running Ray), the API, Prometheus.
+4. every Prometheus target is up: each Ray node (one per compose container running Ray; Ray's discovery also
+   lists the head's dashboard and autoscaler metrics), the API, Prometheus.
 
 Standard library plus redis-py (the project's .venv).
 """
@@ -172,7 +173,7 @@ def main(argv: list[str]) -> int:
         jobs = Counter(t["labels"].get("job") for t in active)
         ok = (
             all(t["health"] == "up" for t in active)
-            and jobs["ray"] == count
+            and len({t["scrapeUrl"] for t in active if t["labels"].get("job") == "ray"}) >= count
             and jobs["prometheus"] == 1
             and jobs["cepo-api"] == 1
         )

@@ -60,11 +60,21 @@ teardown() {
       echo "----- $c"
       podman logs --tail 60 "$c" 2>&1 || true
     done
+    find "$CEPO_RUNS" -maxdepth 4 -name '*.log' | while read -r f; do
+      echo "----- $f"
+      grep -v '^\s' "$f" | tail -40
+    done
+    if [ -n "${CEPO_COMPOSE_KEEP:-}" ]; then
+      log "kept $CEPO_RUNS"
+      CEPO_RUNS=/nonexistent
+    fi
   fi
   log "tearing down"
   # this project's containers, all at once (`podman-compose down` stops them one by one, and podman's
   # --requires links, from depends_on, refuse a partial removal), then its volumes
-  podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman rm -f -t 10 >/dev/null 2>&1 || true
+  for _ in 1 2 3; do # dependents first: a container whose dependents still exist is refused, so go again
+    podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman rm -f -t 10 >/dev/null 2>&1 || true
+  done
   podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman volume rm -f >/dev/null 2>&1 || true
   rm -rf "$CEPO_RUNS"
   log "done (exit $status)"
@@ -73,7 +83,8 @@ teardown() {
 trap teardown EXIT INT TERM
 
 log "podman-compose up: head, 2 rollout, 1 teacher, 1 learner, redis, prometheus"
-compose up -d --scale rollout=2 --scale teacher=1 --scale learner=1 >"$CEPO_RUNS/compose-up.log" 2>&1 ||
+# (podman-compose 1.6 honours only the last --scale given; teacher and learner have one replica by default)
+compose up -d --scale rollout=2 >"$CEPO_RUNS/compose-up.log" 2>&1 ||
   { cat "$CEPO_RUNS/compose-up.log"; exit 1; }
 podman ps --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}  {{.Status}}'
 

