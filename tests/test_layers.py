@@ -121,3 +121,23 @@ def test_allowed_imports_pass(tmp_path):
         "from cepo_services.teacher import sequences\nfrom . import sequences as s\nimport torch\n"
     )
     assert violations(tmp_path) == []
+
+
+def test_every_package_is_installed_by_a_plain_install() -> None:
+    """pyproject's explicit package list names every package folder: a non-editable install (a container
+    image, a wheel) would silently lack one that is missing (as `cepo serve` once was)."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    roots = {name: REPO / folder for name, folder in setuptools["package-dir"].items() if name}
+    roots["cepo"] = REPO / "cepo"
+    found = set()
+    for name, folder in roots.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *parts)))
+    assert found - listed == set(), (
+        f"package folders missing from pyproject's packages: {sorted(found - listed)}"
+    )
+    assert listed - found == set(), f"listed but not package folders: {sorted(listed - found)}"
