@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cepo.models.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, IM_START, PAD_TOKEN
-
 __all__ = [
     "DEFAULT_VL_OUT",
     "VISION_TOKENS",
@@ -43,35 +41,9 @@ VISION_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
 
 def vl_tokenizer(corpus: Iterable[str], vocab_size: int = 384):
     """The tiny byte-level BPE (digits single tokens) with Qwen's vision special tokens added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from cepo.models.tokenizer import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[PAD_TOKEN, IM_START, EOS_TOKEN, *VISION_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START, *VISION_TOKENS],
-        padding_side="left",
-        model_max_length=1024,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_tokenizer(corpus, vocab_size, extra_special=VISION_TOKENS)
 
 
 def vl_config(

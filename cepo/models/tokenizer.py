@@ -7,7 +7,7 @@ tokens, never an unknown token). Saved as a transformers ``PreTrainedTokenizerFa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -27,8 +27,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """Train the BPE on ``corpus`` (deterministic for a given corpus) and wrap it for transformers."""
+def train_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 384, extra_special: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Train the BPE on ``corpus`` (deterministic for a given corpus) and wrap it for transformers;
+    ``extra_special`` tokens (e.g. a vision-language model's image tokens) follow the three of the text model."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -39,7 +42,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedT
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -48,7 +51,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 384) -> PreTrainedT
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        additional_special_tokens=[IM_START],
+        additional_special_tokens=[IM_START, *extra_special],
         padding_side="left",
         model_max_length=1024,
         clean_up_tokenization_spaces=False,
