@@ -264,3 +264,15 @@ class StepReport(BaseModel):
         0  # decoded image bytes put in the object store this step (once, shared by every request)
     )
     images: int = 0  # images in the step's problems
+    # stage seconds that ran beside other stages (the learner's old log-probs during verify, advantages and
+    # teacher): step_seconds ≈ Σ stage_seconds − overlap_seconds
+    overlap_seconds: float = 0.0
+    # one-step-off asynchronous mode (algorithm.max_staleness): learner version at the update − policy_version;
+    # the version the teacher scored with; the truncated importance weights over the stale rows' tokens
+    staleness: int = 0
+    teacher_version: int | None = None
+    is_weight_mean: float = 1.0
+    is_weight_max: float = 1.0
+    is_weight_min: float = 1.0
+    is_weight_clip_frac: float = 0.0
+    stale_rows: int = 0

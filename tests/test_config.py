@@ -103,12 +103,18 @@ def test_cli_reports_config_errors_with_exit_code_2(tiny_model_dir):  # tiny.yam
 
 
 def test_vllm_teacher_requires_temperature_one():
-    with pytest.raises(ConfigError, match=r"set teacher\.backend=transformers"):
-        load_config(overrides=["rollout.temperature=0.7"])
-    assert (
-        load_config(overrides=["rollout.temperature=0.7", "teacher.backend=transformers"]).rollout.temperature
-        == 0.7
-    )
+    for backend in ("vllm", "vllm-merged"):
+        with pytest.raises(ConfigError, match=r"set teacher\.backend=transformers"):
+            load_config(overrides=["rollout.temperature=0.7", f"teacher.backend={backend}"])
+    cfg = load_config(overrides=["rollout.temperature=0.7", "teacher.backend=transformers"])
+    assert cfg.rollout.temperature == 0.7
+    # auto: vLLM where it can score (temperature 1), on CPU the merged adapter, on GPU replicas the LoRA path
+    assert load_config(overrides=["rollout.temperature=0.7"]).engine_backend("teacher") == "transformers"
+    assert load_config(overrides=["rollout.temperature=0.7"]).engine_backend("rollout") == "vllm-merged"
+    assert load_config().engine_backend("teacher") == "vllm-merged"
+    gpu = load_config(overrides=["resources.gpus_per_replica=1", "teacher.gpus_per_replica=0"])
+    assert (gpu.engine_backend("rollout"), gpu.engine_backend("teacher")) == ("vllm", "vllm-merged")
+    assert load_config(overrides=["rollout.backend=vllm"]).engine_backend("rollout") == "vllm"
 
 
 def test_teacher_defaults_are_per_method():

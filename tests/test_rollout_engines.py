@@ -89,6 +89,63 @@ def test_vllm_engine(assets, prompts):
         gc.collect()
 
 
+@pytest.mark.slow
+def test_vllm_merged_engine_scores_and_swaps_like_the_adapter(assets, prompts):
+    """``vllm-merged``: the adapter folded into vLLM's weights by its own loader. Swaps are real (a reload of
+    an old version restores its behaviour, the prefix cache is not stale) and scores equal the fp32 forward."""
+    model_dir, adapters = assets
+    engine = VLLMEngine(str(model_dir), dtype="float32", max_model_len=256, seed=0, merge_adapter=True)
+    hf = TransformersEngine(str(model_dir), dtype="float32")
+    sequences = [([*p, 5, 9, 11, 7], len(p)) for p in prompts]
+    try:
+        check_engine(engine, assets, prompts)  # ends serving adapter 0's bytes as version 2
+        for version, folder in ((3, adapters[1]), (4, adapters[0])):
+            engine.load_adapter(payload(version, folder))
+            hf.load_adapter(payload(version, folder))
+            for g, w in zip(engine.score(sequences), hf.score(sequences), strict=True):
+                assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4), (version, g, w)
+    finally:
+        engine.close()
+        hf.close()
+        gc.collect()
+
+
+@pytest.mark.slow
+def test_vllm_merged_engine_keeps_the_layers_it_does_not_adapt(tmp_path, prompts):
+    """An adapter on q_proj only: vLLM reloads the fused qkv layer whole, so k/v and every bias (random here,
+    not zero) must come back from the base checkpoint unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(model_dir)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    engine = VLLMEngine(str(model_dir), dtype="float32", max_model_len=256, seed=0, merge_adapter=True)
+    hf = TransformersEngine(str(model_dir), dtype="float32")
+    sequences = [([*p, 5, 9, 11, 7], len(p)) for p in prompts]
+    try:
+        for e in (engine, hf):
+            e.load_adapter(payload(0, tmp_path / "adapter"))
+        for g, w in zip(engine.score(sequences), hf.score(sequences), strict=True):
+            assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4), (g, w)
+    finally:
+        engine.close()
+        hf.close()
+        gc.collect()
+
+
 def test_corrupt_payload_is_refused(assets):
     good = payload(0, assets[1][0])
     files = dict(good.files)

@@ -139,14 +139,7 @@ class ServicePools:
         self.cfg = cfg
         start_ray(cfg)
         res, v = cfg.resources, cfg.verifier
-        gpus = {
-            "rollout": res.gpus_per_replica
-            if cfg.rollout.gpus_per_replica is None
-            else cfg.rollout.gpus_per_replica,
-            "teacher": res.gpus_per_replica
-            if cfg.teacher.gpus_per_replica is None
-            else cfg.teacher.gpus_per_replica,
-        }
+        gpus = {role: cfg.gpus_per_replica(role) for role in ("rollout", "teacher")}
         # verifier.reward_fn is imported in each verifier's worker with this process's import path (cepo.hooks)
         reward_path = import_path() if v.reward_fn is not None else None
 
@@ -158,8 +151,12 @@ class ServicePools:
 
         # role → start replica ``index`` under ``name``
         self._spawn: dict[str, Callable[[str, int], Any]] = {
-            "rollout": lambda name, i: engine(RolloutReplica, cfg.rollout.backend, cfg.seed + i, name),
-            "teacher": lambda name, i: engine(TeacherReplica, cfg.teacher.backend, cfg.seed + 100 + i, name),
+            "rollout": lambda name, i: engine(
+                RolloutReplica, cfg.engine_backend("rollout"), cfg.seed + i, name
+            ),
+            "teacher": lambda name, i: engine(
+                TeacherReplica, cfg.engine_backend("teacher"), cfg.seed + 100 + i, name
+            ),
             "verifier": lambda name, i: ray.remote(**placement("verifier", cpus=1))(VerifierReplica).remote(
                 name,
                 format_weight=v.format_weight,

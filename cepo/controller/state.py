@@ -37,6 +37,12 @@ class StepState:
     evidence: Any = None  # EvidenceStats of a scored step
     old_logp: torch.Tensor | None = None
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    overlap: float = 0.0  # stage seconds hidden behind other stages (the old log-probs beside stages 2–4)
+    staleness: int = 0  # learner version at the update − the rollouts' version (async: 0 or 1)
+    teacher_version: int | None = (
+        None  # the adapter version the teacher scored with (None: not scored / base)
+    )
+    importance: Any = None  # ImportanceStats of the truncated IS weights (all 1 when on-policy)
     restarts: dict[str, int] = field(default_factory=dict)  # replicas replaced during the step, by role
     probe_failures: int = 0  # replicas that failed the adapter probe before this step
     teacher_unfit: int = 0  # rows whose teacher context was too long to score (Δ = 0 for them)

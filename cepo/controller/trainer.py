@@ -7,8 +7,16 @@
     3. advantage  A ← GRPO advantages (Eq. 1); r⁻ ← answer of the lowest-reward rejected rollout (Alg. 1 line 4)
     4. teacher    log P_T⁺, log P_T⁻ ← teacher replicas, Â_t ← the method's token advantages (Eqs. 4, 5, 7);
                   skipped when λ = 0 or the method needs no scores (what a method needs: ``cepo.algorithm.methods``)
-    5. update     learner: old log-probs, PPO-clip update (+ the method's learner loss) → adapter v + 1
+    5. update     learner: PPO-clip update (+ the method's learner loss) → adapter v + 1, on the old log-probs the
+                  learner computed beside stages 2–4 (its pass starts as soon as the rollouts are in)
     6. sync       one ray.put of adapter v + 1 → every replica loads it and confirms (version, checksum)
+
+With ``algorithm.max_staleness: 1`` (one-step-off asynchronous), stage 1 of step t + 1 — drawing its prompts and
+generating from adapter v — starts right after step t's rollouts are in and runs beside stages 2–5 of step t;
+the rollout replicas load v + 1 once it is done. Step t + 1 then trains on rollouts of version v with the learner
+at v + 1: the teacher scores them under v (their own version, so "teacher = actor" holds), and each token's
+advantage carries a truncated importance weight against the engine's sampling log-prob
+(:mod:`cepo.algorithm.staleness`).
 
 The learner assigns policy versions (0: the initial adapter, + 1 per update); every message carries the version
 it was made with, and the step report records both the rollouts' version and the one the update produced.
@@ -22,6 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,7 @@ from cepo.algorithm.feedback import negative_text, positive_texts
 from cepo.algorithm.methods import get_method
 from cepo.algorithm.negatives import row_negatives, select_negative_answers
 from cepo.algorithm.schedules import lambda_at
+from cepo.algorithm.staleness import importance_stats, truncated_is_weights
 from cepo.config import RunConfig, check_model_path
 from cepo.controller.cluster import distill_spec, eval_modes, start_ray, train_sampling, update_settings
 from cepo.controller.pools import ServicePools
@@ -75,6 +85,15 @@ class Trainer:
         self.teacher_payload: AdapterPayload | None = None  # what the teacher replicas serve (None: base)
         self._started = False
         self._stop = threading.Event()
+        # the learner's old log-probs beside stages 2–4; the next step's generation beside stages 2–5 (async)
+        self._beside = ThreadPoolExecutor(1, thread_name_prefix="old-logp")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead")
+        self._next: tuple[StepState, Future] | None = None  # the next step's rollouts, generating (async)
+        self._cursor_before_next: dict[str, Any] | None = None  # the data cursor before they were drawn
+        self._payloads: dict[
+            int, AdapterPayload
+        ] = {}  # the last adapters by version (the teacher may lag one)
+        self._last_step: int | None = None  # no rollouts are generated ahead for steps past this one
         self._skipped_in_row = 0
         self.pools: ServicePools | None = None
         # the run's id in the ledger and in Prometheus target labels: name + start time, unique per run
@@ -126,6 +145,8 @@ class Trainer:
     def _serve(self, payload: AdapterPayload, *, include_teacher: bool) -> None:
         self.pools.broadcast(payload, teacher=include_teacher)
         self.version, self.checksum, self.payload = payload.version, payload.checksum, payload
+        self._payloads = {v: p for v, p in self._payloads.items() if v >= payload.version - 1}
+        self._payloads[payload.version] = payload
         if include_teacher and self.pools.teacher:
             self.teacher_payload = payload
 
@@ -237,14 +258,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self) -> StepReport:
-        alg = self.cfg.algorithm
         started, restarts = time.perf_counter(), dict(self.pools.restarts)
-        lam = lambda_at(self.step_index, alg.lambda_schedule, alg.lambda0, alg.warm_steps, alg.fast_steps)
-        s = self._rollout(lam)  # 1. prompts → G rollouts each, from adapter v
-        self._verify(s)  # 2. rewards
-        self._advantages(s)  # 3. A (Eq. 1) and r⁻ per group
-        self._teacher(s)  # 4. log P_T⁺ / log P_T⁻ → Â_t (the method's token advantages)
-        update = self._update(s)  # 5. old log-probs, PPO-clip update → adapter v + 1
+        failed = self._probe()
+        # 1. prompts → G rollouts each, from adapter v (async: generated during the last step)
+        s = self._rollout()
+        s.probe_failures = len(failed)
+        self._generate_ahead()  # async: the next step's rollouts, from adapter v, beside stages 2–5
+        old = self._beside.submit(self._old_logprobs, s)  # the learner's old log-probs, beside stages 2–4
+        try:
+            self._verify(s)  # 2. rewards
+            self._advantages(s)  # 3. A (Eq. 1) and r⁻ per group
+            self._teacher(s)  # 4. log P_T⁺ / log P_T⁻ → Â_t (the method's token advantages)
+        finally:
+            self._await(s, old)  # the learner is idle again before anything else happens (on an error too)
+        old.result()  # the learner's own error, if its pass failed
+        update = self._update(s)  # 5. PPO-clip update → adapter v + 1
         self._sync(s, update.adapter)  # 6. adapter v + 1 on every replica, confirmed
         s.restarts = {
             role: n - restarts[role] for role, n in self.pools.restarts.items() if n > restarts[role]
@@ -259,26 +287,55 @@ class Trainer:
         finally:
             s.times[stage] += time.perf_counter() - start
 
-    def _rollout(self, lam: float) -> StepState:
-        failed = self._probe()
+    def _draw(self, index: int) -> StepState:
+        """Step ``index``'s prompts from the data cursor, to be generated from the adapter served now."""
+        alg = self.cfg.algorithm
+        lam = lambda_at(index, alg.lambda_schedule, alg.lambda0, alg.warm_steps, alg.fast_steps)
         problems = self.cursor.next_batch(self.cfg.rollout.prompts_per_step)
-        s = StepState(self.step_index, lam, self.version, problems, *self.prompts(problems))
-        s.probe_failures = len(failed)
+        s = StepState(index, lam, self.version, problems, *self.prompts(problems))
         s.images, s.image_bytes, s.image_count = self.image_refs(problems)
+        return s
+
+    def _generate(self, s: StepState) -> StepState:
         with self._timed(s, "gen"):
             groups = self.pools.generate(
-                s.prompt_ids, train_sampling(self.cfg, s.index), self.version, images=s.images
+                s.prompt_ids, train_sampling(self.cfg, s.index), s.version, images=s.images
             )
         s.rollouts = [r for group in groups for r in group]
         return s
 
+    def _rollout(self) -> StepState:
+        """This step's rollouts: generated during the last step (async), else now."""
+        if self._next is None:
+            return self._generate(self._draw(self.step_index))
+        s, future = self._next
+        self._next = self._cursor_before_next = None
+        future.result()  # done: the last step's sync waited for it
+        s.overlap += s.times["gen"]  # all of it ran during the last step (whose sync counts any wait)
+        return s
+
+    def _generate_ahead(self) -> None:
+        """With ``max_staleness`` ≥ 1: draw the next step's prompts and generate them beside this step."""
+        index = self.step_index + 1
+        if self.cfg.algorithm.max_staleness < 1 or (self._last_step is not None and index > self._last_step):
+            return
+        self._cursor_before_next = self.cursor.state_dict()
+        s = self._draw(index)
+        self._next = (s, self._ahead.submit(self._generate, s))
+
+    def _generation_done(self) -> None:
+        """The rollout replicas are idle: the generation ahead (if any) has finished (or failed: raised here)."""
+        if self._next is not None:
+            self._next[1].result()
+
     def _probe(self) -> list[str]:
         """Every ``resources.probe_every`` steps: each replica must reproduce the learner's log-probs of a fixed
         sequence (a problem's prompt and its boxed answer) with the adapter it says it serves."""
-        res, backends = self.cfg.resources, {self.cfg.rollout.backend, self.cfg.teacher.backend}
+        res = self.cfg.resources
+        backends = {self.cfg.engine_backend("rollout"), self.cfg.engine_backend("teacher")}
         if not res.probe_every or self.step_index % res.probe_every:
             return []
-        if "vllm" in backends and self.cfg.rollout.temperature != 1.0:
+        if backends != {"transformers"} and self.cfg.rollout.temperature != 1.0:
             return []  # vLLM scores at temperature 1 only
         problem = self._probe_problem
         if problem.images:  # the probe is a text sequence (a VL model scores text too)
@@ -329,6 +386,13 @@ class Trainer:
         if not self.method.scores_evidence or s.lam <= 0:
             return
         cfg, alg = self.cfg, self.cfg.algorithm
+        if cfg.teacher_source == "actor" and self.teacher_version != s.version:
+            # async: the rollouts are a version behind the rollout replicas; the teacher scores under theirs
+            with self._timed(s, "sync"):
+                payload = self._payloads[s.version]
+                self.pools.broadcast(payload, rollout=False, teacher=True)
+                self.teacher_payload = payload
+        s.teacher_version = self.teacher_version
         rows = [i for i in range(len(s.rollouts)) if s.seq_adv[i] != 0]
         positives, ids = self._positives(s), [r.response_ids for r in s.rollouts]
         items = [
@@ -389,19 +453,42 @@ class Trainer:
         samples = [(c, r.response_ids) for c, r in zip(contexts, s.rollouts, strict=True)]
         return distill_spec(self.cfg, self.method.learner_loss), samples
 
-    def _update(self, s: StepState) -> UpdateResult:
-        """Old log-probs and one PPO-clip update → adapter v + 1; a poisoned batch (non-finite advantages, or a
-        non-finite loss or gradient norm on the learner) is skipped: weights and version stay v."""
+    @staticmethod
+    def _learner_inputs(s: StepState) -> tuple[list[tuple[list[int], list[int]]], ImageRefs | None]:
+        """Every rollout as the learner takes it: (prompt ids, response ids), and its images (a VL policy)."""
         samples = [(s.prompt_ids[r.prompt_index], r.response_ids) for r in s.rollouts]
         images = (
             None
             if s.images is None
             else ImageRefs(batch=s.images.batch, rows=[s.images.rows[r.prompt_index] for r in s.rollouts])
         )
-        with self._timed(s, "old_logp"):
-            s.old_logp = self.learner.old_logprobs(
-                samples, micro_batch_size=self.cfg.learner.micro_batch_size, images=images
-            )
+        return samples, images
+
+    def _old_logprobs(self, s: StepState) -> tuple[torch.Tensor, float, float]:
+        """The learner's log-probs of the rollouts under adapter v (runs beside stages 2–4); with its start and
+        end times."""
+        samples, images = self._learner_inputs(s)
+        start = time.perf_counter()
+        old = self.learner.old_logprobs(
+            samples, micro_batch_size=self.cfg.learner.micro_batch_size, images=images
+        )
+        return old, start, time.perf_counter()
+
+    def _await(self, s: StepState, old: Future) -> None:
+        """Wait for the old log-probs; the stage records the pass's own seconds, ``overlap`` the part of them
+        that stages 2–4 hid (the step's critical path is shorter by that much)."""
+        waiting = time.perf_counter()
+        wait([old])
+        if old.exception() is None:
+            s.old_logp, start, end = old.result()
+            s.times["old_logp"] += end - start
+            s.overlap += (end - start) - max(0.0, end - waiting)
+
+    def _update(self, s: StepState) -> UpdateResult:
+        """One PPO-clip update → adapter v + 1; a poisoned batch (non-finite advantages, or a non-finite loss or
+        gradient norm on the learner) is skipped: weights and version stay v."""
+        samples, images = self._learner_inputs(s)
+        self._importance(s)
         bad = sorted({int(i) for i in (~torch.isfinite(s.token_adv)).nonzero()[:, 0].tolist()})
         if bad:
             self.log(f"step {s.index + 1}: non-finite advantages in rows {bad[:20]}: update skipped")
@@ -425,12 +512,29 @@ class Trainer:
             self.log(f"step {s.index + 1}: non-finite loss or gradient norm on the learner: update skipped")
         return result
 
+    def _importance(self, s: StepState) -> None:
+        """Rows generated from an older adapter than the learner's (async): Â_t ← ρ_t · Â_t, ρ the truncated
+        importance weight of the learner's old log-prob against the engine's sampling log-prob."""
+        s.staleness = self.learner.version - s.version
+        stale = torch.tensor([self.learner.version > s.version] * len(s.rollouts))
+        behaviour = torch.zeros_like(s.old_logp)
+        for row, r in enumerate(s.rollouts):
+            behaviour[row, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
+        cap = self.cfg.algorithm.is_cap
+        weights = truncated_is_weights(s.old_logp, behaviour, s.mask, stale, cap)
+        s.importance = importance_stats(weights, s.mask, stale, cap)
+        if bool(stale.any()):
+            s.token_adv = s.token_adv * weights
+
     def _sync(self, s: StepState, adapter: AdapterPayload) -> None:
-        if adapter.version == self.version:  # a skipped update: every replica already serves it
-            return
-        source, after = self.cfg.teacher_source, s.index + 1
-        with_teacher = source == "actor" or (source == "synced" and after % self.cfg.teacher_sync_every == 0)
         with self._timed(s, "sync"):
+            self._generation_done()  # the rollout replicas load v + 1 after the generation ahead (from v)
+            if adapter.version == self.version:  # a skipped update: every replica already serves it
+                return
+            source, after = self.cfg.teacher_source, s.index + 1
+            every = source == "synced" and after % self.cfg.teacher_sync_every == 0
+            # async: an actor teacher follows the rollouts it scores, one version behind (see _teacher)
+            with_teacher = every or (source == "actor" and self.cfg.algorithm.max_staleness == 0)
             self._serve(adapter, include_teacher=with_teacher)
 
     def _finish(self, s: StepState, update: UpdateResult, seconds: float) -> StepReport:
@@ -438,6 +542,11 @@ class Trainer:
         stats = update.stats
         report = s.report(self.method.name, update, seconds)
         report.image_bytes, report.images = s.image_bytes, s.image_count
+        report.overlap_seconds = round(s.overlap, 4)
+        report.staleness, report.teacher_version = s.staleness, s.teacher_version
+        imp = s.importance
+        report.is_weight_mean, report.is_weight_max, report.is_weight_min = imp.mean, imp.max, imp.min
+        report.is_weight_clip_frac, report.stale_rows = imp.clip_frac, imp.stale_rows
         self.recorder.dump_tokens(s, report.policy_version, self.tokenizer)
         self.recorder.record(report, s.samples(self.cfg.logging.samples_per_step))
         if s.restarts:
@@ -476,7 +585,9 @@ class Trainer:
         if not self._started:
             self.start()
         reports = []
-        for _ in range(steps if steps is not None else self.cfg.algorithm.steps):
+        steps = steps if steps is not None else self.cfg.algorithm.steps
+        self._last_step = self.step_index + steps - 1
+        for _ in range(steps):
             if self._stop.is_set():
                 break
             reports.append(self.step())
@@ -493,7 +604,9 @@ class Trainer:
         adapter where it differs, and the controller's state (step, next λ, data cursor)."""
         alg = self.cfg.algorithm
         lam = lambda_at(self.step_index, alg.lambda_schedule, alg.lambda0, alg.warm_steps, alg.fast_steps)
-        state = {"lambda_next": lam, "cursor": self.cursor.state_dict()}
+        # rollouts generated ahead are not trained yet: a resumed run draws (and generates) their prompts again
+        cursor = self._cursor_before_next if self._next is not None else self.cursor.state_dict()
+        state = {"lambda_next": lam, "cursor": cursor}
         teacher = self.teacher_payload if self.teacher_version not in (None, self.version) else None
         learner = self.learner.training_state()
         return self.recorder.checkpoint(self.step_index, self.payload, learner, state, teacher=teacher)
@@ -522,6 +635,8 @@ class Trainer:
     def close(self, error: BaseException | None = None) -> None:
         """Stop every service; the ledger records how the run ended (``error``: what stopped it, if anything)."""
         self.recorder.finish(error)
+        self._beside.shutdown(wait=True)
+        self._ahead.shutdown(wait=True)  # a generation ahead finishes before its replicas stop
         if self._started:
             self.pools.close(self.log)
             self._started = False

