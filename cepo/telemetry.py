@@ -42,6 +42,14 @@ cepo_skipped_updates_total      counter    —               updates skipped for
                                                            loss or gradient norm
 cepo_replicas                   gauge      role            replicas of a role now (rollout, teacher,
                                                            verifier; changes with scaling)
+cepo_overlap_seconds            gauge      —               last step's stage seconds hidden behind other
+                                                           stages (old log-probs beside the teacher; async:
+                                                           the generation ahead)
+cepo_staleness                  gauge      —               learner version − the last step's rollouts'
+                                                           version (algorithm.max_staleness: 0 or 1)
+cepo_importance_weight          gauge      stat            truncated importance weights of the last step's
+                                                           stale tokens: stat="mean", "min", "max" (1: none)
+cepo_importance_clip_fraction   gauge      —               fraction of those weights cut at algorithm.is_cap
 *rollout*
 cepo_rollout_tokens_total       counter    replica         generated tokens
 cepo_rollout_request_seconds    histogram  replica         seconds per generate request
@@ -166,6 +174,14 @@ CONTROLLER_METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "Updates skipped for a non-finite advantage, loss or norm.",
     ),
     "cepo_replicas": ("gauge", ("role",), "Replicas of a role now (changes with scaling)."),
+    "cepo_overlap_seconds": ("gauge", (), "Last step's stage seconds hidden behind other stages."),
+    "cepo_staleness": ("gauge", (), "Learner version minus the last step's rollouts' version."),
+    "cepo_importance_weight": (
+        "gauge",
+        ("stat",),
+        "Truncated importance weights of stale tokens (mean/min/max).",
+    ),
+    "cepo_importance_clip_fraction": ("gauge", (), "Fraction of importance weights cut at algorithm.is_cap."),
 }
 METRICS = {**CONTROLLER_METRICS, **SERVICE_METRICS}
 
@@ -220,6 +236,11 @@ def observe_step(report: Any) -> None:
     _M["cepo_policy_version"].set(int(get("policy_version")))
     _M["cepo_zero_variance_groups"].set(int(get("zero_variance_groups")))
     _M["cepo_groups"].set(int(get("groups")))
+    _M["cepo_overlap_seconds"].set(float(get("overlap_seconds")))
+    _M["cepo_staleness"].set(int(get("staleness", 0)))
+    for stat in ("mean", "min", "max"):
+        _M["cepo_importance_weight"].labels(stat=stat).set(float(get(f"is_weight_{stat}", 1.0)))
+    _M["cepo_importance_clip_fraction"].set(float(get("is_weight_clip_frac")))
     _M["cepo_steps_total"].inc()
     _M["cepo_response_tokens_total"].inc(max(0, int(get("tokens"))))
     for role, count in dict(get("replica_restarts", {}) or {}).items():

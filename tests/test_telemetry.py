@@ -106,7 +106,7 @@ def test_service_port_layout_and_errors():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_every_documented_metric_is_defined_documented_and_served():
-    assert len(telemetry.METRICS) == 34
+    assert len(telemetry.METRICS) == 38
     for name in telemetry.METRICS:
         assert re.search(rf"^{name}\s", telemetry.__doc__, re.M), f"{name} missing from the docstring table"
     for name in re.findall(r"^(cepo_\w+)\s", telemetry.__doc__, re.M):
