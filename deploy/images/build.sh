@@ -11,8 +11,8 @@
 #    localhost/cepo-base:<release>-<hash> (the same image serves Redis and Prometheus in docker-compose.yml when
 #    no registry image can be pulled);
 # 2. wheelhouse: `pip download` of pyproject.toml's pins (dependencies + the extra + the build backend), the
-#    few source-only packages built into wheels here, so the image needs no compiler, then completed inside the
-#    base image for its own interpreter (environment markers);
+#    few source-only packages built into wheels here, so the image needs no compiler (while step 1 runs), then
+#    completed inside the base image for its own interpreter (environment markers: only what is missing);
 # 3. image: deploy/images/Dockerfile on that base, `pip install --no-index --find-links /wheels`.
 #
 # Base tarball and wheelhouse are cached under $CEPO_DEPLOY_CACHE (default ~/.cache/cepo-deploy), the image
@@ -46,6 +46,39 @@ if [ -n "$missing" ]; then
   $sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
 fi
 
+# --- 2a. wheelhouse, keyed by the requirements themselves (other extras of pyproject.toml do not matter): the
+# host's `pip download` runs while step 1 builds the base (one waits on the network and dpkg, the other on pip)
+REQUIREMENTS=$("$PYTHON" - "$EXTRA" <<'EOF'
+import sys
+import tomllib
+
+p = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(p["project"]["dependencies"] + p["project"]["optional-dependencies"][sys.argv[1]]
+                + p["build-system"]["requires"]))
+EOF
+)
+DEPS_KEY=$(echo "$REQUIREMENTS" | sha)
+WHEELS=$CACHE/wheels-$EXTRA-$DEPS_KEY
+download_wheels() {
+  log "pip download -> $WHEELS"
+  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+  echo "$REQUIREMENTS" >"$WHEELS/requirements.txt"
+  "$PYTHON" -m pip download -q -d "$WHEELS" -r "$WHEELS/requirements.txt" 2>&1 | { grep -v "^WARNING: Location" || true; }
+  # source-only packages (pycosat needs a C compiler): built here, so the image installs wheels only
+  for sdist in "$WHEELS"/*.tar.gz "$WHEELS"/*.zip; do
+    [ -e "$sdist" ] || continue
+    "$PYTHON" -m pip wheel -q --no-deps -w "$WHEELS" "$sdist" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    rm -f "$sdist"
+  done
+}
+download_pid=""
+if [ ! -f "$WHEELS/.complete" ]; then
+  download_wheels &
+  download_pid=$!
+  # a failure of step 1 leaves no download behind
+  trap 'kill $(pgrep -P "$download_pid") "$download_pid" 2>/dev/null || true' EXIT
+fi
+
 # --- 1. base image
 . /etc/os-release
 RELEASE=${VERSION_CODENAME:-bookworm}
@@ -68,36 +101,28 @@ if ! podman image exists "$BASE_IMAGE"; then
   podman import --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' "$BASE_TAR" "$BASE_IMAGE" >/dev/null
 fi
 
-# --- 2. wheelhouse, keyed by the requirements themselves (other extras of pyproject.toml do not matter)
-REQUIREMENTS=$("$PYTHON" - "$EXTRA" <<'EOF'
-import sys
-import tomllib
-
-p = tomllib.load(open("pyproject.toml", "rb"))
-print("\n".join(p["project"]["dependencies"] + p["project"]["optional-dependencies"][sys.argv[1]]
-                + p["build-system"]["requires"]))
-EOF
-)
-DEPS_KEY=$(echo "$REQUIREMENTS" | sha)
-WHEELS=$CACHE/wheels-$EXTRA-$DEPS_KEY
+# --- 2b. the wheelhouse completed for the base image's interpreter
 if [ ! -f "$WHEELS/.complete" ]; then
-  log "pip download -> $WHEELS"
-  rm -rf "$WHEELS" && mkdir -p "$WHEELS"
-  echo "$REQUIREMENTS" >"$WHEELS/requirements.txt"
-  "$PYTHON" -m pip download -q -d "$WHEELS" -r "$WHEELS/requirements.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  # source-only packages (pycosat needs a C compiler): built here, so the image installs wheels only
-  for sdist in "$WHEELS"/*.tar.gz "$WHEELS"/*.zip; do
-    [ -e "$sdist" ] || continue
-    "$PYTHON" -m pip wheel -q --no-deps -w "$WHEELS" "$sdist" 2>&1 | grep -v "^WARNING: Location" || true
-    rm -f "$sdist"
-  done
+  wait "$download_pid" || { log "pip download failed"; exit 1; }
+  trap - EXIT
   # what the image's own interpreter needs besides (markers such as python_full_version < "3.11.3": Debian's
-  # 3.11.2 wants async-timeout), resolved inside the base image; the host's CA bundle is lent for TLS proxies
+  # 3.11.2 wants async-timeout): resolved inside the base image against the wheelhouse alone (`pip install
+  # --dry-run --no-index`), and only what that reports missing is fetched, one package at a time, so nothing is
+  # downloaded twice and the index is asked about a package or two, not all ~200; the host's CA bundle is lent
+  # for TLS proxies
   log "completing the wheelhouse for the base image's Python"
   ca=(); [ -f /etc/ssl/certs/ca-certificates.crt ] && ca=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro -e PIP_CERT=/etc/ssl/host-ca.crt)
-  podman run --rm --network host -v "$WHEELS:/wheels" "${ca[@]}" "$BASE_IMAGE" sh -c \
-    'python3 -m venv /tmp/v && /tmp/v/bin/pip download -q --disable-pip-version-check --retries 2 --timeout 30 \
-       --find-links /wheels -d /wheels -r /wheels/requirements.txt'
+  podman run --rm --network host -v "$WHEELS:/wheels" "${ca[@]}" "$BASE_IMAGE" sh -c '
+    set -e; python3 -m venv /tmp/v; pip="/tmp/v/bin/pip --disable-pip-version-check"
+    for _ in $(seq 20); do
+      if out=$($pip install -q --dry-run --ignore-installed --no-index --find-links /wheels \
+                 -r /wheels/requirements.txt 2>&1); then exit 0; fi
+      missing=$(echo "$out" | sed -n "s/.*No matching distribution found for \(.*\)$/\1/p" | head -1)
+      [ -n "$missing" ] || { echo "$out" >&2; exit 1; }
+      echo "wheelhouse: + $missing (for the base image Python)"
+      $pip wheel -q --no-deps --retries 2 --timeout 30 -w /wheels "$missing"
+    done
+    exit 1'
   touch "$WHEELS/.complete"
 fi
 
