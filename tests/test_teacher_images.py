@@ -14,6 +14,7 @@ from cepo_services.common.templates import (
     IMAGE_MARKUP,
     chat_prompt_ids,
     image_prompt_text,
+    image_teacher_context,
     teacher_context_ids,
 )
 from cepo_services.teacher.replica import TeacherReplica
@@ -70,6 +71,9 @@ def test_layout_with_the_image(setup, template):
         assert ids[:start] == context and ids[start:] == response  # the response appended unchanged
         assert ids.count(spec.image_token_id) == spec.tokens_for(images[0])
         assert len(seq_images[index]) == 1
+        # the learner-side teacher's context (OPSD / SDPO) is the same
+        ours = image_teacher_context(teacher.tokenizer, text, answer, template, images[:1], spec)
+        assert ours[0] == context and len(ours[1]) == 1
     if template == "official":  # the student's own prompt, then the answer tokens
         assert pairs[pos][0][: len(prompt_ids)] == prompt_ids
 
@@ -84,6 +88,10 @@ def test_blind_teacher_drops_the_image_but_not_from_p_s(setup, template):
     blind_text = text.replace(IMAGE_MARKUP, "")
     assert ids[:start] == teacher_context_ids(teacher.tokenizer, blind_text, "12", template)
     assert spec.image_token_id not in ids and spec.start_id not in ids and seq_images[pos] == []
+    blind = image_teacher_context(
+        teacher.tokenizer, text, "12", template, _images[:1], spec, sees_image=False
+    )
+    assert blind == (ids[:start], [])  # the learner-side teacher's (OPSD / SDPO) too
     # no r⁻: P_T⁻ := P_S, the student's own context with its image, whatever the teacher sees
     req = request(setup, template=template, sees_image=False, negative=None)
     pairs, where, seq_images = teacher.sequences(req, req.images.resolve())

@@ -103,6 +103,28 @@ def test_cepo_train_with_images(vl_assets, tmp_path):
         gc.collect()
 
 
+@pytest.mark.timeout(1800)
+def test_opsd_with_images(vl_assets, tmp_path):
+    """OPSD's learner-side teacher on image problems: r⁺ contexts with the image reach the learner's forward."""
+    model, data = vl_assets
+    run_dir = tmp_path / "run"
+    done = cepo_train(
+        run_dir,
+        f"model.path={model}",
+        f"data.path={data}",
+        "data.eval_size=8",
+        "algorithm.method=opsd",
+        "rollout.prompts_per_step=4",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=12",
+        "verifier.reward_fn=_vl_reward:by_length",
+        steps=1,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (report,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert report["images"] == 4 and report["distill_loss"] > 0 and report["adapter_version"] == 1
+
+
 @pytest.mark.timeout(900)
 def test_bad_image_inputs_are_named(vl_assets, tmp_path, tiny_model_dir):
     model, data = vl_assets

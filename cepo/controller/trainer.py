@@ -185,11 +185,6 @@ class Trainer:
         self._images: dict[str, list] = {}  # problem id → its prepared images (decoded and resized once)
         if vision.is_vision_language(self.cfg.model.path):
             self.vision = vision.vision_spec(self.cfg.model.path)
-            if self.method.learner_loss is not None and any(p.images for p in problems):
-                raise ValueError(
-                    f"algorithm.method {self.method.name}: the learner-side teacher (OPSD / SDPO) does not take "
-                    "images yet; use cepo, rlsd or grpo on image problems"
-                )
         self.check_images(problems)
 
     def check_images(self, problems: Sequence[Problem]) -> None:
@@ -439,17 +434,26 @@ class Trainer:
     def _distillation(
         self, s: StepState
     ) -> tuple[DistillSpec | None, list[tuple[list[int], list[int]]] | None]:
-        """The method's learner loss and, for it, every row's response after its r⁺ teacher context."""
+        """The method's learner loss and, for it, every row's response after its r⁺ teacher context.
+
+        An image problem's context holds its images, their tokens expanded as in the student prompt
+        (``teacher.sees_image``; false: the text without them, the official code's blind teacher). The learner
+        gives a context the images of its row (``UpdateRequest.images``) when it has image tokens, none when not.
+        """
         if self.method.learner_loss is None:
             return None, None
-        from cepo_services.common.templates import teacher_context_ids
+        from cepo_services.common.templates import image_teacher_context
 
-        template = self.cfg.teacher.template
-        texts = [s.prompt_texts[g] for g in s.groups]
-        contexts = [
-            teacher_context_ids(self.tokenizer, t, p, template)
-            for t, p in zip(texts, self._positives(s), strict=True)
-        ]
+        template, sees_image = self.cfg.teacher.template, self.cfg.teacher.sees_image
+        vision = getattr(self, "vision", None)
+        contexts = []
+        for g, positive in zip(s.groups, self._positives(s), strict=True):
+            problem = s.problems[g]
+            images = self._problem_images(problem) if vision is not None and problem.images else []
+            ids, _ = image_teacher_context(
+                self.tokenizer, s.prompt_texts[g], positive, template, images, vision, sees_image=sees_image
+            )
+            contexts.append(ids)
         samples = [(c, r.response_ids) for c, r in zip(contexts, s.rollouts, strict=True)]
         return distill_spec(self.cfg, self.method.learner_loss), samples
 

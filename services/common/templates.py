@@ -23,6 +23,7 @@ __all__ = [
     "build_teacher_sequence",
     "chat_prompt_ids",
     "image_prompt_text",
+    "image_teacher_context",
     "strip_image_markup",
     "teacher_context_ids",
 ]
@@ -96,6 +97,34 @@ def teacher_context_ids(
             int(i) for i in tokenizer.encode(OFFICIAL_HINT.format(answer=answer), add_special_tokens=False)
         ]
     raise ValueError(f"unknown teacher template {template!r}; allowed: paper, official")
+
+
+def image_teacher_context(
+    tokenizer: Any,
+    student_prompt: str,
+    answer: str,
+    template: Literal["paper", "official"],
+    images: Sequence[Any],
+    spec: Any,
+    *,
+    sees_image: bool = True,
+) -> tuple[list[int], list[Any]]:
+    """A teacher context of a problem with ``images`` (prepared, in placeholder order) and the images it holds.
+
+    ``student_prompt`` carries :data:`IMAGE_MARKUP` per image. With ``sees_image`` the context keeps the markup and
+    its ``<|image_pad|>`` is expanded exactly as in the student prompt (``spec``: the model's
+    ``cepo_services.common.vision.VisionSpec``), and it holds the same images; without, the markup is removed
+    from the text (the official code's blind teacher) and it holds none. Without images it is
+    :func:`teacher_context_ids`' context and ``[]``.
+    """
+    if not images:
+        return teacher_context_ids(tokenizer, student_prompt, answer, template), []
+    if not sees_image:
+        return teacher_context_ids(tokenizer, strip_image_markup(student_prompt), answer, template), []
+    from cepo_services.common.vision import expand_image_tokens
+
+    ids = teacher_context_ids(tokenizer, student_prompt, answer, template)
+    return expand_image_tokens(ids, images, spec), list(images)
 
 
 def build_teacher_sequence(context_ids: Sequence[int], response_ids: Sequence[int]) -> TeacherSequence:

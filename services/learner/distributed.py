@@ -37,7 +37,13 @@ from cepo_proto.adapter import AdapterPayload
 from cepo_proto.learner import UpdateRequest, UpdateResult, UpdateStats
 from cepo_proto.pipeline import ImageRefs
 from cepo_services.common import metrics
-from cepo_services.learner.policy import LoraPolicy, PolicyBatch, plan_update, shard_bounds
+from cepo_services.learner.policy import (
+    LoraPolicy,
+    PolicyBatch,
+    plan_update,
+    shard_bounds,
+    teacher_image_rows,
+)
 
 __all__ = ["LearnerError", "LearnerGroup", "LearnerRank", "shard_bounds"]
 
@@ -69,6 +75,10 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _resolve(images: ImageRefs | None) -> list[list[Any]] | None:
+    return None if images is None else images.resolve()
 
 
 def _response_width(samples: Samples) -> int:
@@ -165,9 +175,11 @@ class LearnerRank:
             raise _PeerRejected("another learner rank rejected its inputs")
         return prepared
 
-    def _batch(self, samples: Samples, index: Sequence[int], images: ImageRefs | None = None) -> PolicyBatch:
+    def _batch(
+        self, samples: Samples, index: Sequence[int], images: Sequence[Sequence[Any]] | None = None
+    ) -> PolicyBatch:
         """This rank's shard as a batch; ``index`` holds each sample's index in the global batch; ``images``
-        each sample's images (a VL policy)."""
+        each sample's images (a VL policy; resolved from the request's :class:`ImageRefs`)."""
         for i, (prompt, response) in zip(index, samples, strict=True):
             bad = [t for t in (*prompt, *response) if not 0 <= int(t) < self.vocab_size]
             if bad:
@@ -177,7 +189,7 @@ class LearnerRank:
         if not samples:
             return PolicyBatch.empty()
         try:
-            rows = None if images is None else images.resolve()
+            rows = images
             if rows is not None and any(rows) and self.policy.image_processor is None:
                 raise ValueError("the policy model is text-only but the samples have images")
             return PolicyBatch.build(samples, images=rows)
@@ -194,7 +206,8 @@ class LearnerRank:
         num_micro_batches: int,
         images: ImageRefs | None = None,
     ) -> torch.Tensor:
-        batch = self._agree(lambda: self._batch(samples, range(offset, offset + len(samples)), images))
+        index = range(offset, offset + len(samples))
+        batch = self._agree(lambda: self._batch(samples, index, _resolve(images)))
         return self.policy.old_logprobs(batch, micro_batch_size, num_micro_batches=num_micro_batches)
 
     def update(
@@ -208,14 +221,19 @@ class LearnerRank:
         images: ImageRefs | None = None,
     ) -> UpdateStats:
         def prepare() -> tuple[PolicyBatch, PolicyBatch | None]:
-            batch = self._batch(samples, index, images)
+            rows = _resolve(images)  # one ray.get of the step's image batch, for the student and teacher rows
+            batch = self._batch(samples, index, rows)
             width = batch.response_mask.shape[1]
             for name, t in (("advantages", advantages), ("old_logp", old_logp)):
                 if t.shape[0] != len(batch) or t.shape[1] < width:
                     raise ValueError(
                         f"{name} shard must have {len(batch)} rows and ≥ {width} columns, got {tuple(t.shape)}"
                     )
-            teacher = None if teacher_samples is None else self._batch(teacher_samples, index)
+            teacher = None
+            if teacher_samples is not None:  # r⁺ contexts: each with its sample's images, or none (blind)
+                token = self.policy.image_token_id
+                teacher_rows = teacher_image_rows(samples, teacher_samples, rows, token, index)
+                teacher = self._batch(teacher_samples, index, teacher_rows)
             return batch, teacher
 
         start = time.perf_counter()
@@ -424,7 +442,8 @@ class LearnerGroup:
         """One update on every rank over the whole batch (``ppo_epochs × mini_batches`` optimizer steps, each
         over a global mini-batch sharded across the ranks: :func:`plan_update`); the adapter it produced, at
         version + 1. Stats are aggregated over the ranks. OPSD / SDPO: ``request.distill`` and
-        ``request.teacher_samples``.
+        ``request.teacher_samples``; a teacher context with image tokens gets its sample's images
+        (``request.images``), one without none (:func:`teacher_image_rows`).
         """
         start = time.perf_counter()
         actors = self._live()

@@ -39,7 +39,7 @@ from cepo_proto.learner import DistillSpec, MiniBatch, UpdateSettings, UpdateSta
 from cepo_services.learner.losses import ema_update, opsd_loss, ppo_clip_loss, sdpo_loss
 from cepo_services.learner.schedules import lr_at
 
-__all__ = ["LoraPolicy", "PolicyBatch", "plan_update", "shard_bounds"]
+__all__ = ["LoraPolicy", "PolicyBatch", "plan_update", "shard_bounds", "teacher_image_rows"]
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -80,6 +80,35 @@ def plan_update(
             rows[r].extend(range(a, b))
             plans[r].append(MiniBatch(local, local + b - a, tokens, float(m_stop - m_start), micro))
     return list(zip(rows, plans, strict=True))
+
+
+def teacher_image_rows(
+    samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    teacher_samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    images: Sequence[Sequence[Any]] | None,
+    image_token_id: int,
+    index: Sequence[int] | None = None,
+) -> list[list[Any]] | None:
+    """Per teacher sample (OPSD / SDPO's r⁺ context, row for row with ``samples``), the images its forward gets.
+
+    A teacher context holds its sample's images — the same image tokens, expanded as in the student prompt
+    (``teacher.sees_image``) — or none (the blind teacher: the markup removed from its text); its own image
+    tokens say which. Any other count is refused, naming the sample (``index``: global sample indices).
+    """
+    if images is None:
+        return None
+    rows: list[list[Any]] = []
+    for k, ((prompt, _), (context, _), row) in enumerate(zip(samples, teacher_samples, images, strict=True)):
+        student = sum(int(t) == image_token_id for t in prompt)
+        teacher = sum(int(t) == image_token_id for t in context)
+        if teacher and teacher != student:
+            i = k if index is None else index[k]
+            raise ValueError(
+                f"teacher sample {i}: {teacher} image tokens, its sample's prompt has {student}; a teacher "
+                "context holds its sample's images, expanded as in the student prompt, or none"
+            )
+        rows.append(list(row or ()) if teacher else [])
+    return rows
 
 
 @dataclass
@@ -326,8 +355,8 @@ class LoraPolicy:
         version are restored to what they were before its first step.
 
         With ``distill`` (OPSD / SDPO) ``teacher_batch`` holds, row for row, the same responses after the
-        teacher's r⁺ context; the distillation term is added per micro-batch (see :class:`DistillSpec`), the
-        teacher being the weights (or EMA) of the moment.
+        teacher's r⁺ context (with its images, :func:`teacher_image_rows`); the distillation term is added per
+        micro-batch (see :class:`DistillSpec`), the teacher being the weights (or EMA) of the moment.
         """
         if advantages.shape != batch.response_mask.shape:
             raise ValueError(
