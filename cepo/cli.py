@@ -364,6 +364,14 @@ def eval_(
     size: Annotated[int | None, typer.Option(min=1, help="Problems per suite.")] = None,
     greedy: Annotated[bool, typer.Option("--greedy/--no-greedy", help="Also report greedy accuracy.")] = True,
     backend: Annotated[str, typer.Option(help="vllm or transformers.")] = "vllm",
+    images: Annotated[
+        str,
+        typer.Option(
+            help="Image problems: keep (default); grey, the image-blind baseline (every figure replaced by a "
+            "uniform grey one of its size, the prompt tokens unchanged); none (images and <image> removed, the "
+            "text alone)."
+        ),
+    ] = "keep",
     out: Annotated[Path | None, typer.Option(help="Also write the results here (JSON).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -411,6 +419,9 @@ def eval_(
     if backend not in ("vllm", "transformers"):
         _print_error(f"--backend {backend!r}; allowed: vllm, transformers")
         raise typer.Exit(2)
+    if images not in ("keep", "grey", "none"):
+        _print_error(f"--images {images!r}; allowed: keep, grey, none")
+        raise typer.Exit(2)
     adapter_dir = None if adapter is None else _adapter_folder(adapter, root, redis)
     import time
 
@@ -420,7 +431,9 @@ def eval_(
     try:
         with captured(log_file, echo=verbose, terminal="stderr") as terminal:
             shown = Console(file=terminal, soft_wrap=True)
-            results = evaluate_model(cfg, adapter=adapter_dir, backend=backend, greedy=greedy, console=shown)
+            results = evaluate_model(
+                cfg, adapter=adapter_dir, backend=backend, greedy=greedy, console=shown, images=images
+            )
     except (ValueError, FileNotFoundError) as exc:
         _print_error(exc)
         raise typer.Exit(2) from None

@@ -180,12 +180,20 @@ def evaluate_model(
     backend: str = "vllm",
     greedy: bool = False,
     console: Console | None = None,
+    images: str = "keep",
 ) -> dict[str, Any]:
-    """Evaluate ``cfg.model.path`` (+ ``adapter``) on ``cfg.data.eval_suites``; returns per-suite results."""
+    """Evaluate ``cfg.model.path`` (+ ``adapter``) on ``cfg.data.eval_suites``; returns per-suite results.
+
+    ``images`` (image problems): ``keep`` them; ``grey`` (the image-blind baseline: the same prompt tokens, every
+    figure a uniform grey one of its size) or ``none`` (the text alone, images and ``<image>`` removed) — see
+    :func:`cepo.data.vision_inputs.student_inputs`."""
     from cepo.config import check_model_path
+    from cepo.data.vision_inputs import IMAGE_MODES
 
     if not cfg.data.eval_suites:
         raise ValueError("no suites to evaluate: pass --suites or set data.eval_suites")
+    if images not in IMAGE_MODES:
+        raise ValueError(f"--images {images!r}; allowed: {', '.join(IMAGE_MODES)}")
     check_model_path(cfg.model.path, hub=True)  # before the slow imports, and before any loader asks the Hub
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder)")
@@ -238,7 +246,7 @@ def evaluate_model(
             suite_name[0] = name
             problems = suite.problems
             prompts, suite_images[0] = student_inputs(
-                problems, tokenizer, cfg.model.path, cfg.data.prompt_template
+                problems, tokenizer, cfg.model.path, cfg.data.prompt_template, images=images
             )
             result = heldout_accuracy(problems, prompts, modes, generate, grader.grade_batch)
             result["train_overlap"] = suite.train_overlap
@@ -266,6 +274,7 @@ def evaluate_model(
         "suites": list(suites),
         "problems_per_suite": {name: len(suite.problems) for name, suite in suites.items()},
         "prompt_template": cfg.data.prompt_template,
+        "images": images,
         "sampling": {mode: spec.model_dump() for mode, spec in modes},
         "verifier": {"reward_fn": reward_fn, "timeout_s": cfg.verifier.timeout_s},
     }
