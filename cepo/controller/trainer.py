@@ -90,10 +90,11 @@ class Trainer:
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead")
         self._next: tuple[StepState, Future] | None = None  # the next step's rollouts, generating (async)
         self._cursor_before_next: dict[str, Any] | None = None  # the data cursor before they were drawn
-        self._payloads: dict[
-            int, AdapterPayload
-        ] = {}  # the last adapters by version (the teacher may lag one)
-        self._last_step: int | None = None  # no rollouts are generated ahead for steps past this one
+        # the last two adapters by version: an actor teacher lags the rollout replicas by one in async mode
+        self._payloads: dict[int, AdapterPayload] = {}
+        # the run's last step index: no rollouts are generated ahead past it (train() sets it; a caller that
+        # loops over step() itself should too, or the last step generates one batch nobody trains on)
+        self.last_step: int | None = None
         self._skipped_in_row = 0
         self.pools: ServicePools | None = None
         # the run's id in the ledger and in Prometheus target labels: name + start time, unique per run
@@ -312,7 +313,7 @@ class Trainer:
     def _generate_ahead(self) -> None:
         """With ``max_staleness`` ≥ 1: draw the next step's prompts and generate them beside this step."""
         index = self.step_index + 1
-        if self.cfg.algorithm.max_staleness < 1 or (self._last_step is not None and index > self._last_step):
+        if self.cfg.algorithm.max_staleness < 1 or (self.last_step is not None and index > self.last_step):
             return
         self._cursor_before_next = self.cursor.state_dict()
         s = self._draw(index)
@@ -590,7 +591,7 @@ class Trainer:
             self.start()
         reports = []
         steps = steps if steps is not None else self.cfg.algorithm.steps
-        self._last_step = self.step_index + steps - 1
+        self.last_step = self.step_index + steps - 1
         for _ in range(steps):
             if self._stop.is_set():
                 break

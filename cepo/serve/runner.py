@@ -138,6 +138,7 @@ class RunActor:
         try:
             trainer = Trainer(self.cfg, self.run_dir, log=self._log)
             trainer.run_id = trainer.recorder.run_id = self.run_id
+            trainer.last_step = self.steps - 1  # async mode generates nothing ahead past it
             self.trainer = trainer
             trainer.start()
             self._set(state="running", version=trainer.version, checksum=trainer.checksum)
