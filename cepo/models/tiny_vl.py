@@ -209,7 +209,13 @@ def save_random_vl(
 # ---------------------------------------------------------------------------------------------------------
 # `cepo bootstrap --vl`: the tiny VL policy warmed up on the offline image task (cepo.tasks.image_arith)
 
-VL_BUILD_VERSION = "tiny-vl-v1"
+# v2: one intra-op thread (v1 used up to two; the float sums, hence the weights, differ)
+VL_BUILD_VERSION = "tiny-vl-v2"
+# The warm-up's matrices are small (hidden 128, batch 32 × ~90 tokens): a second intra-op thread gains little on
+# an idle machine, and on a shared, oversubscribed one its threads wait for each other at every op — measured
+# here under a load average of 10–35 on 2 cores: 9–16 s a step with two threads, 1.3–1.7 s with one. One thread
+# also makes the build the same on any machine, whatever its core count.
+BUILD_THREADS = 1
 DEFAULT_VL_OUT = Path("models/tiny-vl")
 
 
@@ -402,7 +408,7 @@ def _build_vl(out: Path, settings: TinyVLSettings, digest: str, minutes: float, 
     t0 = time.monotonic()
     deadline = t0 + minutes * 60 - 60
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, threads)))
+    torch.set_num_threads(BUILD_THREADS)
 
     def log(message: str) -> None:
         log_line(f"{time.monotonic() - t0:6.1f}s {message}")
@@ -516,6 +522,7 @@ def _build_vl(out: Path, settings: TinyVLSettings, digest: str, minutes: float, 
                 },
                 "accuracy": {"test": accuracy},
                 "build_seconds": round(time.monotonic() - t0, 1),
+                "threads": BUILD_THREADS,
                 "versions": {
                     "torch": torch.__version__,
                     "transformers": transformers.__version__,
