@@ -287,8 +287,8 @@ def readme_eval_lines() -> list[list[str]]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
-            # the tiny VL model's line needs models/tiny-vl (a 10-15 min build) and a run of it:
-            # tests/test_vl_pipeline.py evaluates image suites through the same engines; every other line runs here
+            # the tiny VL model's lines need models/tiny-vl (a 3-min build) and a run of it: tests/test_vl_eval.py
+            # runs their --images modes, tests/test_vl_pipeline.py image suites in a run; every other line runs here
             if line.startswith("cepo eval") and "tiny-vl" not in line:
                 lines.append(shlex.split(line, comments=True))
     return lines
