@@ -379,14 +379,20 @@ def build_tiny_vl_model(
 
 
 def ensure_tiny_vl(model_path: str, log: Callable[[str], None] = print) -> bool:
-    """Build the tiny VL model on first use: when ``model_path`` is the default tiny-VL folder and holds no
-    model. Returns True if it built one."""
+    """Build the tiny VL model on first use — when ``model_path`` is the default tiny-VL folder and holds no
+    model, or a build of another recipe version (its manifest's settings hash differs). Returns True if it
+    built one. Any other path is the user's model, used as it is."""
+    from cepo.models._cache import read_manifest
+
     path = Path(model_path)
-    if path.resolve() != DEFAULT_VL_OUT.resolve() or (path / "config.json").is_file():
+    if path.resolve() != DEFAULT_VL_OUT.resolve():
         return False
-    log(f"{path} is missing: building the tiny vision-language model (cepo bootstrap --vl, a few minutes)")
-    build_tiny_vl_model(path, minutes=60.0, log=log)
-    return True
+    manifest = read_manifest(path) or {}
+    if (path / "config.json").is_file() and manifest.get("settings_hash") == TinyVLSettings().digest():
+        return False
+    why = "is missing" if not (path / "config.json").is_file() else "is a build of another recipe"
+    log(f"{path} {why}: building the tiny vision-language model (cepo bootstrap --vl, a few minutes)")
+    return build_tiny_vl_model(path, minutes=60.0, log=log)[1]
 
 
 def _build_vl(out: Path, settings: TinyVLSettings, digest: str, minutes: float, log_line) -> dict[str, Any]:
