@@ -20,11 +20,7 @@ import numpy as np
 from cepo_proto.pipeline import TeacherRequest, TeacherScores
 from cepo_services.common import metrics, vision
 from cepo_services.common.replica import EngineReplica
-from cepo_services.common.templates import (
-    build_teacher_sequence,
-    strip_image_markup,
-    teacher_context_ids,
-)
+from cepo_services.common.templates import build_teacher_sequence, image_teacher_context
 
 __all__ = ["TeacherReplica"]
 
@@ -47,17 +43,18 @@ class TeacherReplica(EngineReplica):
         pairs: list[tuple[list[int], int]] = []
         where: list[tuple[int | None, int]] = []
         seq_images: list[list] = []
-        blind = images is not None and not request.sees_image
 
-        def context(item, answer: str, item_images: list) -> list[int]:
-            if blind:  # the official code's teacher: the text without the image
-                return teacher_context_ids(
-                    self.tokenizer, strip_image_markup(item.student_prompt), answer, request.template
-                )
-            ids = teacher_context_ids(self.tokenizer, item.student_prompt, answer, request.template)
-            if item_images:
-                ids = vision.expand_image_tokens(ids, item_images, self.vision)
-            return ids
+        def context(item, answer: str, item_images: list) -> tuple[list[int], list]:
+            # the learner-side teacher (OPSD / SDPO) builds its contexts with the same function
+            return image_teacher_context(
+                self.tokenizer,
+                item.student_prompt,
+                answer,
+                request.template,
+                item_images,
+                self.vision,
+                sees_image=request.sees_image,
+            )
 
         def add(ctx: list[int], response: list[int], ctx_images: list) -> int:
             seq = build_teacher_sequence(ctx, response)
@@ -67,14 +64,15 @@ class TeacherReplica(EngineReplica):
 
         for k, item in enumerate(request.items):
             item_images = [] if images is None else images[k]
-            teacher_images = [] if blind else item_images
             pos = None
             if item.positive is not None:
-                pos = add(context(item, item.positive, item_images), item.response_ids, teacher_images)
+                ids, context_images = context(item, item.positive, item_images)
+                pos = add(ids, item.response_ids, context_images)
             if item.negative is None:  # P_T⁻ := P_S: the student's own context, its images included
                 neg = add(item.student_prompt_ids, item.response_ids, item_images)
             else:
-                neg = add(context(item, item.negative, item_images), item.response_ids, teacher_images)
+                ids, context_images = context(item, item.negative, item_images)
+                neg = add(ids, item.response_ids, context_images)
             where.append((pos, neg))
         return pairs, where, seq_images
 
