@@ -339,6 +339,9 @@ def merged_lora_weights(model_path: str, adapter: Path, base: dict[str, Any]) ->
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     lora = load_file(str(adapter / "adapter_model.safetensors"))
+    other = [k for k in lora if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if other:  # e.g. LoRA on embeddings, or trained modules_to_save: not a W + s·B·A of a linear layer
+        raise ValueError(f"vllm-merged merges linear LoRA layers only; the adapter also has {other[:3]}")
     layers = sorted({k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")})
     names = {layer: layer.removeprefix("base_model.model.") + ".weight" for layer in layers}
     # vLLM reloads a layer whole (its weight and bias), and fuses q/k/v and gate/up into one layer: every tensor
@@ -348,7 +351,7 @@ def merged_lora_weights(model_path: str, adapter: Path, base: dict[str, Any]) ->
         module, _, leaf = name.removesuffix(".weight").rpartition(".")
         group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
         modules.update(f"{module}.{part}." for part in group)
-    if not base:
+    if not modules <= {k.rpartition(".")[0] + "." for k in base}:
         for file in sorted(Path(model_path).glob("*.safetensors")):
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
