@@ -123,6 +123,7 @@ def test_teacher_logprobs_equal_a_transformers_forward(trainer, tmp_path):
     model = PeftModel.from_pretrained(base, str(trainer.payload.write_to(tmp_path / "adapter"))).eval()
     local = TeacherReplica.__new__(TeacherReplica)  # only its sequence building, no engine
     local.tokenizer = trainer.tokenizer
+    local.vision = None  # a text-only model
     pairs, where, _images = local.sequences(
         TeacherRequest(items=items, temperature=1.0, expected_version=None)
     )

@@ -297,8 +297,11 @@ def test_worker_crash_is_an_answer():
         g.warm_up()
         pid = g.worker_pid
         os.kill(pid, 9)  # dies while idle: the next call notices and replaces it
+        # Wait until it is waitable (not reaped: WNOWAIT). /proc showing "Z" is not enough: the thread-group
+        # leader turns Z while its other threads (the parent watch) are still exiting, and its pipes are open.
         deadline = time.monotonic() + 10
-        while _child_state(pid) not in ("Z", None) and time.monotonic() < deadline:
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            assert time.monotonic() < deadline, "the killed worker never exited"
             time.sleep(0.05)
         assert g.grade(r"\boxed{\sqrt{4}}", "2").reason == "correct"
 
