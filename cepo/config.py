@@ -248,6 +248,14 @@ class RolloutConfig(_Section):
     gpus_per_replica: float | None = Field(
         None, ge=0.0, description="Ray GPUs per rollout replica (None: resources.gpus_per_replica)."
     )
+    stream_groups: int = Field(
+        0,
+        ge=0,
+        description="Stream the stages within a step: every `stream_groups` groups that finish generating are "
+        "graded, get their advantages and are scored by the teacher while the others still generate (the "
+        "same advantages and update as the barrier path, see docs/architecture.md). 0: each stage waits for "
+        "the whole batch. Pays off where generation and scoring run on different devices (GPUs).",
+    )
 
 
 class TeacherConfig(_Section):

@@ -6,6 +6,7 @@ object (pickled, never JSON).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,10 @@ class ImageRefs(_Message):
     def slice(self, start: int, stop: int) -> ImageRefs:
         return ImageRefs(batch=self.batch, rows=self.rows[start:stop])
 
+    def take(self, rows: Sequence[int]) -> ImageRefs:
+        """The images of ``rows`` (indices into ``self.rows``), in that order; the same shared batch."""
+        return ImageRefs(batch=self.batch, rows=[self.rows[i] for i in rows])
+
     def resolve(self) -> list[list[np.ndarray]]:
         """Each row's images (one ``ray.get`` of the shared batch: no copy per row)."""
         batch = self.batch
@@ -132,7 +137,10 @@ class Rollout(_Message):
 
 class RolloutResult(_Message):
     replica: str
-    rollouts: list[list[Rollout]] = Field(description="For each prompt of the request, its n samples.")
+    rollouts: list[list[Rollout]] = Field(
+        description="Groups of n samples, each Rollout's prompt_index its prompt's row in the request: every "
+        "prompt in row order (generate), or the groups that finished since the last result (generate_stream)."
+    )
     seconds: float
     generated_tokens: int
 
@@ -267,6 +275,7 @@ class StepReport(BaseModel):
     # stage seconds that ran beside other stages (the learner's old log-probs during verify, advantages and
     # teacher): step_seconds ≈ Σ stage_seconds − overlap_seconds
     overlap_seconds: float = 0.0
+    stream_chunks: int = 0  # rollout.stream_groups > 0: the chunks of groups stages 2–4 ran in (0: barrier)
     # one-step-off asynchronous mode (algorithm.max_staleness): learner version at the update − policy_version;
     # the version the teacher scored with; the truncated importance weights over the stale rows' tokens
     staleness: int = 0

@@ -60,6 +60,12 @@ def check_engine(engine, assets, prompts):
 
     greedy = SamplingSpec(n=1, temperature=0.0, max_tokens=10)
     out_v0 = [g[0].token_ids for g in engine.generate(prompts, greedy)]
+    # streamed: the same request's groups as they finish, every prompt once, the same samples
+    streamed = {row: g[0].token_ids for batch in engine.generate_stream(prompts, greedy) for row, g in batch}
+    assert streamed == dict(enumerate(out_v0))
+    batches = list(engine.generate_stream(prompts * 3, SamplingSpec(n=2, temperature=1.0, max_tokens=12)))
+    assert sorted(row for batch in batches for row, _ in batch) == list(range(6))
+    assert all(len(group) == 2 for batch in batches for _, group in batch)
     second = payload(1, adapters[1])
     assert engine.load_adapter(second) == (1, second.checksum)
     assert engine.version == 1 and engine.checksum == second.checksum != first.checksum

@@ -30,7 +30,8 @@ the call as before. The learner is not replaced here: a rank's death fails the s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ from cepo_proto.pipeline import (
     ImageRefs,
     ProbeRequest,
     Rollout,
+    RolloutResult,
     SamplingSpec,
     TeacherItem,
     TeacherRequest,
@@ -179,6 +181,7 @@ class ServicePools:
         self.serving: dict[str, AdapterPayload | None] = dict.fromkeys(ROLES)  # the adapter each role serves
         self._published: dict[str, Any] = dict.fromkeys(ROLES)  # role → ObjectRef of ``serving[role]``
         self.confirmed: dict[str, tuple[int, str]] = {}  # replica → the (version, checksum) it confirmed
+        self._membership = threading.RLock()  # pulls and replacements, from calls that run side by side
         self.speed: dict[str, float] = {}  # replica → rows per second (exponential moving average)
         self.restarts: dict[str, int] = dict.fromkeys(ROLES, 0)
         self.targets: list[dict[str, Any]] = []
@@ -219,40 +222,44 @@ class ServicePools:
 
         self._catch_up(role)
         pool = self.pools[role]
-        names = list(pool)
-        weights = [self.speed.get(name, 0.0) for name in names]
-        known = [w for w in weights if w > 0]
-        weights = [w if w > 0 else (float(np.mean(known)) if known else 1.0) for w in weights]
-        work = [(names[i], a, b) for i, a, b in split_weighted(n, weights)]
+        work = self._split(role, n)
         results: dict[int, Any] = {}
         for _ in range(MAX_REPLACEMENTS_PER_CALL + 1):
-            refs = {call(pool[name], a, b): (name, a, b) for name, a, b in work}
+            refs = {call(pool[name], a, b): (name, pool[name], a, b) for name, a, b in work}
             done, late = ray.wait(
                 list(refs), num_returns=len(refs), timeout=self.cfg.resources.call_timeout_s
             )
-            failed, lost = [], set()
+            failed, lost = [], {}
             for ref in done:
-                name, a, b = refs[ref]
+                name, actor, a, b = refs[ref]
                 try:
                     results[a] = ray.get(ref)
                 except RayActorError:  # the process died (killed, crashed, out of memory)
                     failed.append((a, b))
-                    lost.add(name)
+                    lost[name] = actor
                 else:
                     self._measured(name, b - a, getattr(results[a], "seconds", None))
             for ref in late:  # no answer within the call timeout: presumed hung
-                name, a, b = refs[ref]
+                name, actor, a, b = refs[ref]
                 failed.append((a, b))
-                lost.add(name)
+                lost[name] = actor
             if not failed:
                 return [results[a] for a in sorted(results)]
-            for name in sorted(lost):
-                self._replace(role, name)
+            self._replace_lost(role, lost)
             names = list(pool)
             work = [(names[i % len(names)], a, b) for i, (a, b) in enumerate(failed)]
         raise ReplicaLost(
             f"{role} replicas kept dying: {MAX_REPLACEMENTS_PER_CALL} replacement rounds in one call"
         )
+
+    def _split(self, role: str, n: int) -> list[tuple[str, int, int]]:
+        """Rows [0, n) as (replica, start, stop) chunks, in proportion to each replica's measured speed (a
+        replica not measured yet counts as the pool's mean)."""
+        names = list(self.pools[role])
+        weights = [self.speed.get(name, 0.0) for name in names]
+        known = [w for w in weights if w > 0]
+        weights = [w if w > 0 else (float(np.mean(known)) if known else 1.0) for w in weights]
+        return [(names[i], a, b) for i, a, b in split_weighted(n, weights)]
 
     def _measured(self, name: str, rows: int, seconds: float | None) -> None:
         if not seconds or seconds <= 0 or rows <= 0:
@@ -299,12 +306,21 @@ class ServicePools:
         payload = self.serving.get(role)
         if payload is None:
             return
-        lagging = [
-            name
-            for name in self.pools[role]
-            if self.confirmed.get(name) != (payload.version, payload.checksum)
-        ]
-        self._pull(role, lagging)
+        with self._membership:
+            lagging = [
+                name
+                for name in self.pools[role]
+                if self.confirmed.get(name) != (payload.version, payload.checksum)
+            ]
+            self._pull(role, lagging)
+
+    def _replace_lost(self, role: str, lost: dict[str, Any]) -> None:
+        """Replace each lost replica (name → the actor that failed) unless another call already has: calls may
+        run side by side (streamed chunks) and see the same replica die."""
+        with self._membership:
+            for name, actor in sorted(lost.items()):
+                if self.pools[role].get(name) is actor:
+                    self._replace(role, name)
 
     def _replace(self, role: str, name: str) -> None:
         """Kill ``name`` (if it is still there), start a new replica under that name that pulls and confirms the
@@ -476,6 +492,38 @@ class ServicePools:
             self._replace(targets[name], name)
         return failed
 
+    @staticmethod
+    def _generate_request(
+        prompt_ids: list[list[int]],
+        sampling: SamplingSpec,
+        version: int,
+        images: ImageRefs | None,
+        a: int,
+        b: int,
+    ) -> GenerateRequest:
+        """Prompts [a, b) as one request (a seeded spec gets seed + a: the same rows, the same seeds)."""
+        spec = sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + a})
+        return GenerateRequest(
+            prompts=prompt_ids[a:b],
+            sampling=spec,
+            expected_version=version,
+            images=None if images is None else images.slice(a, b),
+        )
+
+    @staticmethod
+    def _groups(result: RolloutResult, version: int, offset: int) -> list[list[Rollout]]:
+        """A result's groups, ``prompt_index`` shifted by ``offset`` to the row in the whole batch; every
+        rollout must come from ``version``."""
+        groups = []
+        for group in result.rollouts:
+            stale = [r.policy_version for r in group if r.policy_version != version]
+            if stale:
+                raise SyncError(
+                    f"{result.replica} generated with version {stale[0]}, the step uses {version}"
+                )
+            groups.append([r.model_copy(update={"prompt_index": offset + r.prompt_index}) for r in group])
+        return groups
+
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -487,28 +535,83 @@ class ServicePools:
         (``images``: per prompt, its images, one shared object-store batch)."""
 
         def call(actor: Any, a: int, b: int) -> Any:
-            spec = (
-                sampling if sampling.seed is None else sampling.model_copy(update={"seed": sampling.seed + a})
-            )
-            request = GenerateRequest(
-                prompts=prompt_ids[a:b],
-                sampling=spec,
-                expected_version=version,
-                images=None if images is None else images.slice(a, b),
-            )
-            return actor.generate.remote(request)
+            return actor.generate.remote(self._generate_request(prompt_ids, sampling, version, images, a, b))
 
+        results = self._fan_out("rollout", len(prompt_ids), call)
         groups: list[list[Rollout]] = []
-        for result in self._fan_out("rollout", len(prompt_ids), call):
-            offset = len(groups)
-            for group in result.rollouts:
-                stale = [r.policy_version for r in group if r.policy_version != version]
-                if stale:
-                    raise SyncError(
-                        f"{result.replica} generated with version {stale[0]}, the step uses {version}"
-                    )
-                groups.append([r.model_copy(update={"prompt_index": offset + r.prompt_index}) for r in group])
+        for result in results:
+            groups.extend(self._groups(result, version, len(groups)))
         return groups
+
+    def generate_stream(
+        self,
+        prompt_ids: list[list[int]],
+        sampling: SamplingSpec,
+        version: int,
+        images: ImageRefs | None = None,
+    ) -> Iterator[list[list[Rollout]]]:
+        """``generate``'s groups as they finish, on whichever replica: each item a list of groups
+        (``prompt_index`` = row in ``prompt_ids``), every prompt exactly once over the stream.
+
+        Prompts are split over the replicas as ``generate`` splits them, and each replica streams its groups
+        back (``RolloutReplica.generate_stream``). A replica that dies or stops answering mid-stream is replaced,
+        and the prompts it had not finished are generated again on the replicas present (``generate``); the
+        groups it did finish are kept. An error of the replica's own code fails the call, as in ``generate``.
+        """
+        import ray
+        from ray.exceptions import RayActorError
+
+        self._catch_up("rollout")
+        pool, timeout = self.pools["rollout"], self.cfg.resources.call_timeout_s
+        streams = {}
+        for name, a, b in self._split("rollout", len(prompt_ids)):
+            request = self._generate_request(prompt_ids, sampling, version, images, a, b)
+            stream = pool[name].generate_stream.options(num_returns="streaming").remote(request)
+            streams[stream] = (name, pool[name], a, b)
+        done: set[int] = set()
+        seconds: dict[str, float] = {}
+        lost: dict[str, Any] = {}
+        try:
+            while streams:
+                ready, _ = ray.wait(list(streams), num_returns=1, timeout=timeout)
+                if not ready:  # no group from any replica within the call timeout: presumed hung
+                    lost.update({name: actor for name, actor, _, _ in streams.values()})
+                    break
+                stream = ready[0]
+                name, actor, a, b = streams[stream]
+                try:
+                    result = ray.get(next(stream))
+                except StopIteration:  # the replica's whole chunk is in: its speed, as generate measures it
+                    self._measured(name, b - a, seconds.get(name))
+                    del streams[stream]
+                    continue
+                except RayActorError:  # the process died (killed, crashed, out of memory)
+                    lost[name] = actor
+                    del streams[stream]
+                    continue
+                groups = self._groups(result, version, a)
+                done.update(group[0].prompt_index for group in groups)
+                seconds[name] = result.seconds
+                yield groups
+        finally:
+            for stream in streams:  # the consumer stopped early or a stream hung: cancel what is left
+                with contextlib.suppress(Exception):
+                    ray.cancel(stream)
+        if not lost:
+            return
+        self._replace_lost("rollout", lost)
+        missing = [i for i in range(len(prompt_ids)) if i not in done]
+        if missing:
+            again = self.generate(
+                [prompt_ids[i] for i in missing],
+                sampling,
+                version,
+                None if images is None else images.take(missing),
+            )
+            yield [
+                [r.model_copy(update={"prompt_index": missing[r.prompt_index]}) for r in group]
+                for group in again
+            ]
 
     def grade(self, responses: list[str], answers: list[str]) -> list[Verdict]:
         def call(actor: Any, a: int, b: int) -> Any:

@@ -49,6 +49,9 @@ class StepState:
     images: Any = None  # ImageRefs of the step's problems (a VL policy): one object-store batch
     image_bytes: int = 0  # bytes of that batch (decoded images, put once)
     image_count: int = 0
+    chunks: list | None = None  # streamed: the futures of stages 2–4, one per chunk of groups (None: barrier)
+    stream_started: float = 0.0  # streamed: when stage 1 began (perf_counter)
+    stream_chunks: int = 0  # streamed: how many chunks stages 2–4 ran in
 
     @property
     def groups(self) -> list[int]:

@@ -18,6 +18,12 @@ at v + 1: the teacher scores them under v (their own version, so "teacher = acto
 advantage carries a truncated importance weight against the engine's sampling log-prob
 (:mod:`cepo.algorithm.staleness`).
 
+With ``rollout.stream_groups: k`` (streaming), stages 2–4 run chunk by chunk while stage 1 goes on: every k groups
+that finish generating are graded, get their A and r⁻, and their rows with A ≠ 0 are scored by the teacher. Each
+of these stages is local to a group (A is a group's statistic, r⁻ comes from the row's own group), so a chunk is
+computed as the batch would compute it; the chunks are put back in prompt order, A recomputed over the batch and
+Â_t formed there, exactly as the barrier path does (tests/test_streaming.py holds the two against each other).
+
 The learner assigns policy versions (0: the initial adapter, + 1 per update); every message carries the version
 it was made with, and the step report records both the rollouts' version and the one the update produced.
 Service calls live in :mod:`cepo.controller.pools`, the run's records in :mod:`cepo.controller.recorder`.
@@ -34,6 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cepo import telemetry
@@ -88,6 +95,9 @@ class Trainer:
         # the learner's old log-probs beside stages 2–4; the next step's generation beside stages 2–5 (async)
         self._beside = ThreadPoolExecutor(1, thread_name_prefix="old-logp")
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead")
+        # streamed chunks' stages 2–4, side by side (each mostly waits on its verifier and teacher calls)
+        self._chunks = ThreadPoolExecutor(4, thread_name_prefix="stream-chunk")
+        self._host = threading.Lock()  # the tokenizer, used by chunk threads to build teacher contexts
         self._next: tuple[StepState, Future] | None = None  # the next step's rollouts, generating (async)
         self._cursor_before_next: dict[str, Any] | None = None  # the data cursor before they were drawn
         # the last two adapters by version: an actor teacher lags the rollout replicas by one in async mode
@@ -262,9 +272,12 @@ class Trainer:
         self._generate_ahead()  # async: the next step's rollouts, from adapter v, beside stages 2–5
         old = self._beside.submit(self._old_logprobs, s)  # the learner's old log-probs, beside stages 2–4
         try:
-            self._verify(s)  # 2. rewards
-            self._advantages(s)  # 3. A (Eq. 1) and r⁻ per group
-            self._teacher(s)  # 4. log P_T⁺ / log P_T⁻ → Â_t (the method's token advantages)
+            if s.chunks is None:
+                self._verify(s)  # 2. rewards
+                self._advantages(s)  # 3. A (Eq. 1) and r⁻ per group
+                self._teacher(s)  # 4. log P_T⁺ / log P_T⁻ → Â_t (the method's token advantages)
+            else:  # streamed: stages 2–4 ran chunk by chunk during stage 1
+                self._join_chunks(s)
         finally:
             self._await(s, old)  # the learner is idle again before anything else happens (on an error too)
         old.result()  # the learner's own error, if its pass failed
@@ -301,14 +314,102 @@ class Trainer:
         return s
 
     def _rollout(self) -> StepState:
-        """This step's rollouts: generated during the last step (async), else now."""
+        """This step's rollouts: generated during the last step (async), else now (streamed: with stages 2–4
+        of the groups that finish first already under way)."""
         if self._next is None:
-            return self._generate(self._draw(self.step_index))
+            s = self._draw(self.step_index)
+            return self._generate_streamed(s) if self.cfg.rollout.stream_groups else self._generate(s)
         s, future = self._next
         self._next = self._cursor_before_next = None
         future.result()  # done: the last step's sync waited for it
         s.overlap += s.times["gen"]  # all of it ran during the last step (whose sync counts any wait)
         return s
+
+    def _generate_streamed(self, s: StepState) -> StepState:
+        """Stage 1, handing every ``rollout.stream_groups`` finished groups to stages 2–4 (``_chunk``, in the
+        chunk threads) as they arrive; returns once every group is in, the chunks still running (``s.chunks``)."""
+        k = self.cfg.rollout.stream_groups
+        self._teacher_ready(s)
+        s.chunks, s.stream_started = [], time.perf_counter()
+        arrived: dict[int, list] = {}
+        pending: list[list] = []
+        try:
+            with self._timed(s, "gen"):
+                stream = self.pools.generate_stream(
+                    s.prompt_ids, train_sampling(self.cfg, s.index), s.version, images=s.images
+                )
+                for groups in stream:
+                    for group in groups:
+                        arrived[group[0].prompt_index] = group
+                    pending.extend(groups)
+                    while len(pending) >= k or (pending and len(arrived) == len(s.prompt_ids)):
+                        s.chunks.append(self._chunks.submit(self._chunk, s, pending[:k]))
+                        pending = pending[k:]
+        except BaseException:
+            wait(s.chunks)  # nothing keeps running for a step that failed
+            raise
+        s.rollouts = [r for g in sorted(arrived) for r in arrived[g]]
+        return s
+
+    def _chunk(self, s: StepState, groups: list[list]) -> tuple[list[int], StepState]:
+        """Stages 2–4 (up to the teacher's scores) for some of the step's groups, as a step of its own: the
+        groups' prompt indices (ascending) and their StepState, whose group g is prompt ``indices[g]``."""
+        indices = sorted(group[0].prompt_index for group in groups)
+        local = {g: j for j, g in enumerate(indices)}
+        by_prompt = {group[0].prompt_index: group for group in groups}
+        part = StepState(
+            s.index,
+            s.lam,
+            s.version,
+            [s.problems[g] for g in indices],
+            [s.prompt_texts[g] for g in indices],
+            [s.prompt_ids[g] for g in indices],
+        )
+        part.images = None if s.images is None else s.images.take(indices)
+        part.teacher_version = s.teacher_version
+        part.rollouts = [
+            r.model_copy(update={"prompt_index": local[g]}) for g in indices for r in by_prompt[g]
+        ]
+        self._verify(part)
+        self._advantages(part)
+        self._score(part)
+        return indices, part
+
+    def _join_chunks(self, s: StepState) -> None:
+        """The streamed chunks, back in prompt order: verdicts and teacher scores row by row, A and r⁻ recomputed
+        over the batch (the same per group), Â_t formed over the batch; stage seconds are the chunks' sums, and
+        what ran beside generation or beside another chunk counts as overlap."""
+        parts = [future.result() for future in s.chunks]
+        first: dict[
+            int, int
+        ] = {}  # prompt index → its group's first row in s.rollouts (groups are contiguous)
+        for row, r in enumerate(s.rollouts):
+            first.setdefault(r.prompt_index, row)
+        rows: list[list[int]] = []  # per chunk: the row in s.rollouts of each of its rows
+        for indices, part in parts:
+            sizes = np.bincount(part.groups, minlength=len(indices))
+            rows.append(
+                [first[g] + k for g, n in zip(indices, sizes.tolist(), strict=True) for k in range(n)]
+            )
+        verdicts: list = [None] * len(s.rollouts)
+        for (_, part), where in zip(parts, rows, strict=True):
+            for j, row in enumerate(where):
+                verdicts[row] = part.verdicts[j]
+            for stage in ("verify", "adv", "teacher"):
+                s.times[stage] += part.times[stage]
+            s.teacher_unfit += part.teacher_unfit
+        s.verdicts = verdicts
+        self._advantages(s)
+        if self._scores(s):
+            s.logp_pos, s.logp_neg = torch.zeros_like(s.mask), torch.zeros_like(s.mask)
+            for (_, part), where in zip(parts, rows, strict=True):
+                width = part.mask.shape[1]
+                s.logp_pos[where, :width] = part.logp_pos
+                s.logp_neg[where, :width] = part.logp_neg
+            self._token_advantages(s)
+        ran = s.times["gen"] + sum(part.times[k] for _, part in parts for k in ("verify", "adv", "teacher"))
+        s.overlap += max(0.0, ran - (time.perf_counter() - s.stream_started))
+        s.stream_chunks = len(parts)
 
     def _generate_ahead(self) -> None:
         """With ``max_staleness`` ≥ 1: draw the next step's prompts and generate them beside this step."""
@@ -377,42 +478,56 @@ class Trainer:
         kind = self.cfg.teacher.positive
         return positive_texts(kind, s.groups, answers, s.rewards, s.correct, ids, self.tokenizer)
 
-    def _teacher(self, s: StepState) -> None:
-        """Score the rows whose A ≠ 0 (A = 0 gives Â = 0 whatever Δ is) and form the method's Â_t."""
-        if not self.method.scores_evidence or s.lam <= 0:
+    def _scores(self, s: StepState) -> bool:
+        """Whether the step's method scores tokens with the teacher (λ > 0 and a method that needs it)."""
+        return self.method.scores_evidence and s.lam > 0
+
+    def _teacher_ready(self, s: StepState) -> None:
+        """The teacher replicas serve the version that scores these rollouts."""
+        if not self._scores(s):
             return
-        cfg, alg = self.cfg, self.cfg.algorithm
-        if cfg.teacher_source == "actor" and self.teacher_version != s.version:
+        if self.cfg.teacher_source == "actor" and self.teacher_version != s.version:
             # async: the rollouts are a version behind the rollout replicas; the teacher scores under theirs
             with self._timed(s, "sync"):
                 payload = self._payloads[s.version]
                 self.pools.broadcast(payload, rollout=False, teacher=True)
                 self.teacher_payload = payload
         s.teacher_version = self.teacher_version
+
+    def _teacher(self, s: StepState) -> None:
+        """Score the rows whose A ≠ 0 (A = 0 gives Â = 0 whatever Δ is) and form the method's Â_t."""
+        if not self._scores(s):
+            return
+        self._teacher_ready(s)
+        self._score(s)
+        self._token_advantages(s)
+
+    def _score(self, s: StepState) -> None:
+        """log P_T⁺ and log P_T⁻ of every row whose A ≠ 0 (zeros elsewhere, and for rows too long to score)."""
+        if not self._scores(s):
+            return
+        cfg = self.cfg
         rows = [i for i in range(len(s.rollouts)) if s.seq_adv[i] != 0]
-        positives, ids = self._positives(s), [r.response_ids for r in s.rollouts]
-        items = [
-            TeacherItem(
-                student_prompt=s.prompt_texts[s.groups[i]],
-                student_prompt_ids=s.prompt_ids[s.groups[i]],
-                response_ids=s.rollouts[i].response_ids,
-                positive=positives[i],
-                negative=negative_text(cfg.teacher.negative, s.row_negatives[i], ids, self.tokenizer)
-                if self.method.negative_context
-                else None,  # P_T⁻ := P_S (RLSD; and CEPO's rows without a usable r⁻, Theorem 1 iii)
-            )
-            for i in rows
-        ]
+        with self._host:
+            positives, ids = self._positives(s), [r.response_ids for r in s.rollouts]
+            items = [
+                TeacherItem(
+                    student_prompt=s.prompt_texts[s.groups[i]],
+                    student_prompt_ids=s.prompt_ids[s.groups[i]],
+                    response_ids=s.rollouts[i].response_ids,
+                    positive=positives[i],
+                    negative=negative_text(cfg.teacher.negative, s.row_negatives[i], ids, self.tokenizer)
+                    if self.method.negative_context
+                    else None,  # P_T⁻ := P_S (RLSD; and CEPO's rows without a usable r⁻, Theorem 1 iii)
+                )
+                for i in rows
+            ]
         s.logp_pos, s.logp_neg = torch.zeros_like(s.mask), torch.zeros_like(s.mask)
         with self._timed(s, "teacher"):
             if items:
                 expected = self.teacher_version if cfg.teacher_source != "reference" else None
                 temperature, template = cfg.rollout.temperature, cfg.teacher.template
-                images = (
-                    None
-                    if s.images is None
-                    else ImageRefs(batch=s.images.batch, rows=[s.images.rows[s.groups[i]] for i in rows])
-                )
+                images = None if s.images is None else s.images.take([s.groups[i] for i in rows])
                 pos, neg, unfit = self.pools.score(
                     items,
                     temperature=temperature,
@@ -425,6 +540,10 @@ class Trainer:
                 for i, p, q in zip(rows, pos, neg, strict=True):
                     s.logp_pos[i, : len(p)] = torch.tensor(p)
                     s.logp_neg[i, : len(q)] = torch.tensor(q)
+
+    def _token_advantages(self, s: StepState) -> None:
+        """The method's Â_t from A and the teacher's scores, and the step's evidence statistics."""
+        alg = self.cfg.algorithm
         with self._timed(s, "adv"):
             s.token_adv = self.method.token_advantages(
                 s.seq_adv, s.logp_pos, s.logp_neg, s.mask, s.lam, alg.eps_w
@@ -462,11 +581,7 @@ class Trainer:
     def _learner_inputs(s: StepState) -> tuple[list[tuple[list[int], list[int]]], ImageRefs | None]:
         """Every rollout as the learner takes it: (prompt ids, response ids), and its images (a VL policy)."""
         samples = [(s.prompt_ids[r.prompt_index], r.response_ids) for r in s.rollouts]
-        images = (
-            None
-            if s.images is None
-            else ImageRefs(batch=s.images.batch, rows=[s.images.rows[r.prompt_index] for r in s.rollouts])
-        )
+        images = None if s.images is None else s.images.take([r.prompt_index for r in s.rollouts])
         return samples, images
 
     def _old_logprobs(self, s: StepState) -> tuple[torch.Tensor, float, float]:
@@ -548,6 +663,7 @@ class Trainer:
         report = s.report(self.method.name, update, seconds)
         report.image_bytes, report.images = s.image_bytes, s.image_count
         report.overlap_seconds = round(s.overlap, 4)
+        report.stream_chunks = s.stream_chunks
         report.staleness, report.teacher_version = s.staleness, s.teacher_version
         imp = s.importance
         report.is_weight_mean, report.is_weight_max, report.is_weight_min = imp.mean, imp.max, imp.min
@@ -642,6 +758,7 @@ class Trainer:
         self.recorder.finish(error)
         self._beside.shutdown(wait=True)
         self._ahead.shutdown(wait=True)  # a generation ahead finishes before its replicas stop
+        self._chunks.shutdown(wait=True)
         if self._started:
             self.pools.close(self.log)
             self._started = False

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,14 @@ class Engine(ABC):
         self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
     ) -> list[list[Completion]]:
         """``spec.n`` completions for each prompt (token ids), in prompt order."""
+
+    def generate_stream(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> Iterator[list[tuple[int, list[Completion]]]]:
+        """What ``generate`` returns, as it finishes: batches of (prompt row, its ``spec.n`` completions), each
+        prompt once. The samples are those ``generate`` gives for the same request (the same batch is run). This
+        default yields the whole request at the end; vLLM yields every group as soon as its last sample ends."""
+        yield list(enumerate(self.generate(prompts, spec, images)))
 
     @abstractmethod
     def score(
@@ -233,9 +242,7 @@ class VLLMEngine(Engine):
                     "images must be prepared by cepo_services.common.vision.prepare_image"
                 )
 
-    def generate(
-        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
-    ) -> list[list[Completion]]:
+    def _sampling_params(self, prompts: list[list[int]], spec: SamplingSpec) -> Any:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -251,22 +258,53 @@ class VLLMEngine(Engine):
             params = [params.clone() for _ in prompts]
             for i, p in enumerate(params):
                 p.seed = spec.seed + i
+        return params
+
+    @staticmethod
+    def _group(output: Any) -> list[Completion]:
+        group = []
+        for sample in output.outputs:
+            ids = list(sample.token_ids)
+            logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=True)]
+            group.append(Completion(ids, logprobs, sample.text, sample.finish_reason or "length"))
+        return group
+
+    def generate(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> list[list[Completion]]:
         outputs = self.llm.generate(
-            self._inputs(prompts, images), params, lora_request=self._lora, use_tqdm=False
+            self._inputs(prompts, images),
+            self._sampling_params(prompts, spec),
+            lora_request=self._lora,
+            use_tqdm=False,
         )
         if images:
             self._check_expansion(prompts, outputs)
-        results = []
-        for output in outputs:
-            group = []
-            for sample in output.outputs:
-                ids = list(sample.token_ids)
-                logprobs = [
-                    float(step[token].logprob) for step, token in zip(sample.logprobs, ids, strict=True)
-                ]
-                group.append(Completion(ids, logprobs, sample.text, sample.finish_reason or "length"))
-            results.append(group)
-        return results
+        return [self._group(output) for output in outputs]
+
+    def generate_stream(
+        self, prompts: list[list[int]], spec: SamplingSpec, images: Images = None
+    ) -> Iterator[list[tuple[int, list[Completion]]]]:
+        """The requests of ``generate``, queued at once, and the engine stepped as ``LLM.generate`` steps it;
+        after every engine step the groups that finished in it."""
+        inputs, params = self._inputs(prompts, images), self._sampling_params(prompts, spec)
+        # the offline LLM numbers its requests (request_counter); outputs carry those numbers, in prompt order
+        first = self.llm.request_counter.counter
+        self.llm.enqueue(inputs, params, lora_request=self._lora, use_tqdm=False)
+        ids = [str(first + i) for i in range(len(prompts))]
+        row = {request_id: i for i, request_id in enumerate(ids)}
+        engine, pending = self.llm.llm_engine, set(ids)
+        try:
+            while pending and engine.has_unfinished_requests():
+                done = [output for output in engine.step() if output.finished]
+                pending.difference_update(o.request_id for o in done)
+                if images:
+                    self._check_expansion([prompts[row[o.request_id]] for o in done], done)
+                if done:
+                    yield [(row[o.request_id], self._group(o)) for o in done]
+        finally:  # stopped early (the consumer went away, an error): nothing of this request stays queued
+            if pending:
+                engine.abort_request(sorted(pending))
 
     def score(
         self, sequences: list[tuple[list[int], int]], temperature: float = 1.0, images: Images = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from cepo_proto.pipeline import GenerateRequest, Rollout, RolloutResult
 from cepo_services.common import metrics
@@ -16,15 +17,32 @@ class RolloutReplica(EngineReplica):
 
     def generate(self, request: GenerateRequest) -> RolloutResult:
         with metrics.track_rollout(self.name) as tracked:
-            result = self._generate(request)
+            self.check_version(request.expected_version)
+            start = time.perf_counter()
+            groups = self.engine.generate(request.prompts, request.sampling, images=self._images(request))
+            result = self._result(list(enumerate(groups)), start)
             tracked.tokens = result.generated_tokens
         return result
 
-    def _generate(self, request: GenerateRequest) -> RolloutResult:
-        self.check_version(request.expected_version)
-        start = time.perf_counter()
-        images = None if request.images is None else request.images.resolve()
-        groups = self.engine.generate(request.prompts, request.sampling, images=images)
+    def generate_stream(self, request: GenerateRequest) -> Iterator[RolloutResult]:
+        """The request's groups as they finish (call with ``num_returns="streaming"``): each result holds the
+        groups done since the last, every prompt once over the stream; ``seconds`` counts from the request."""
+        with metrics.track_rollout(self.name) as tracked:
+            self.check_version(request.expected_version)
+            start, tracked.tokens = time.perf_counter(), 0
+            for batch in self.engine.generate_stream(
+                request.prompts, request.sampling, images=self._images(request)
+            ):
+                result = self._result(batch, start)
+                tracked.tokens += result.generated_tokens
+                yield result
+
+    @staticmethod
+    def _images(request: GenerateRequest) -> list | None:
+        return None if request.images is None else request.images.resolve()
+
+    def _result(self, groups: list[tuple[int, list]], start: float) -> RolloutResult:
+        """Rollouts of (prompt row, its completions) pairs; ``prompt_index`` is the row in the request."""
         rollouts = [
             [
                 Rollout(
@@ -37,7 +55,7 @@ class RolloutReplica(EngineReplica):
                 )
                 for c in group
             ]
-            for index, group in enumerate(groups)
+            for index, group in groups
         ]
         tokens = sum(len(r.response_ids) for group in rollouts for r in group)
         return RolloutResult(
