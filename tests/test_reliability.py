@@ -112,10 +112,13 @@ def test_resume_after_a_learner_crash_is_the_uninterrupted_run(tiny_model_dir, t
         assert [r["response"] for r in a["rollouts"]] == [r["response"] for r in b["rollouts"]]
 
 
-def test_killed_replicas_are_replaced_and_no_prompt_is_lost(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("stream_groups", [0, 1], ids=["barrier", "streamed"])
+def test_killed_replicas_are_replaced_and_no_prompt_is_lost(tiny_model_dir, tmp_path, stream_groups):
+    """Streamed, the rollout replica dies inside its stream and the teacher replica under chunks that run side
+    by side: each is replaced once, and only the prompts the dead stream had not returned are generated again."""
     import ray
 
-    cfg = config(tiny_model_dir, "rollout.replicas=2")
+    cfg = config(tiny_model_dir, "rollout.replicas=2", f"rollout.stream_groups={stream_groups}")
     trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
     try:
         trainer.start()
