@@ -25,6 +25,15 @@ from cepo.controller import Trainer
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _ray_down():
+    """Each test's trainers start Ray in this process; the tests after these must not find it running."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 def _config(model_dir, *extra):
     return load_config(
         REPO / "configs" / "tiny.yaml",
